@@ -1,0 +1,1 @@
+"""Broker implementations, one module each; pick one by URL scheme or pass an instance."""

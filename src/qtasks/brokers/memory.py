@@ -1,0 +1,175 @@
+"""An in-process broker for tests and single-process apps; nothing survives the process."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from qtasks.interfaces import Broker, Delivery
+from qtasks.message import Envelope
+
+if TYPE_CHECKING:
+    from qtasks.config import QueueConfig
+
+_Ready = tuple[int, float, int, Envelope, int]  # priority, created_at, seq, envelope, deliveries
+
+
+class MemoryBroker(Broker):
+    """Priority heaps per queue plus a delay heap; claims are kept until ack or release.
+
+    `join()` waits until every message is acked, so tests run until idle without sleeping.
+    """
+
+    def __init__(self) -> None:
+        self._ready: dict[str, list[_Ready]] = {}
+        self._delayed: list[tuple[float, int, Envelope, int]] = []
+        self._in_flight: dict[int, tuple[Envelope, int]] = {}
+        self._seq = itertools.count()
+        self._receipts = itertools.count()
+        self._changed: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self.consumer_id = "memory"
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> MemoryBroker:
+        """Build from `memory://`."""
+        return cls()
+
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
+        # Created lazily on the loop that uses them: a sync app may restart on a new loop.
+        if self._changed is None or self._idle is None:
+            self._changed = asyncio.Event()
+            self._idle = asyncio.Event()
+            self._update_idle()
+        return self._changed, self._idle
+
+    async def start(self) -> None:
+        self._changed = None
+        self._idle = None
+
+    async def stop(self) -> None:
+        for receipt in list(self._in_flight):
+            self._put_back(receipt)
+        self._changed = None
+        self._idle = None
+
+    def _update_idle(self) -> None:
+        if self._idle is None:
+            return
+        if self._in_flight or self._delayed or any(self._ready.values()):
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    def _push_ready(self, env: Envelope, deliveries: int) -> None:
+        heap = self._ready.setdefault(env.queue, [])
+        heapq.heappush(heap, (env.priority, env.created_at, next(self._seq), env, deliveries))
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        changed, _ = self._events()
+        now = time.time()
+        for env in envelopes:
+            if env.eta is not None and env.eta > now:
+                heapq.heappush(self._delayed, (env.eta, next(self._seq), env, 0))
+            else:
+                self._push_ready(env, 0)
+        self._update_idle()
+        changed.set()
+
+    def _promote_due(self) -> float | None:
+        """Move due delayed messages to ready; seconds until the next one, if any."""
+        now = time.time()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, _, env, deliveries = heapq.heappop(self._delayed)
+            self._push_ready(env, deliveries)
+        return self._delayed[0][0] - now if self._delayed else None
+
+    def _take(self, queues: Sequence[str], max_count: int) -> list[Delivery]:
+        heaps = [self._ready[q] for q in queues if self._ready.get(q)]
+        out: list[Delivery] = []
+        while heaps and len(out) < max_count:
+            heap = heaps[0] if len(heaps) == 1 else min(heaps, key=lambda h: h[0][:3])
+            priority, created_at, _, env, deliveries = heapq.heappop(heap)
+            if not heap:
+                heaps.remove(heap)
+            receipt = next(self._receipts)
+            self._in_flight[receipt] = (env, deliveries + 1)
+            out.append(Delivery(env.body, receipt, env.queue, priority, created_at, deliveries + 1))
+        return out
+
+    async def fetch(self, queues: Sequence[str], max_count: int, timeout: float) -> list[Delivery]:
+        changed, _ = self._events()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            next_due = self._promote_due()
+            out = self._take(queues, max_count)
+            if out:
+                return out
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            changed.clear()
+            wait = remaining if next_due is None else min(remaining, next_due)
+            # asyncio.wait, not wait_for: before Python 3.12 wait_for swallows a cancel
+            # that arrives as the event is set, and a stopping worker then waits a timeout.
+            waiter = asyncio.ensure_future(changed.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=wait)
+            finally:
+                waiter.cancel()
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            self._in_flight.pop(d.receipt, None)
+        self._update_idle()
+
+    def _put_back(
+        self, receipt: int, replacement: Envelope | None = None, undo: bool = False
+    ) -> None:
+        entry = self._in_flight.pop(receipt, None)
+        if entry is None:
+            return
+        env, deliveries = entry
+        if undo:
+            deliveries -= 1
+        if replacement is not None:
+            env = replacement
+        if env.eta is not None and env.eta > time.time():
+            heapq.heappush(self._delayed, (env.eta, next(self._seq), env, deliveries))
+        else:
+            self._push_ready(env, deliveries)
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        changed, _ = self._events()
+        for d in deliveries:
+            self._put_back(d.receipt, undo=True)
+        self._update_idle()
+        changed.set()
+
+    async def requeue(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        changed, _ = self._events()
+        for d, env in items:
+            self._put_back(d.receipt, env)
+        self._update_idle()
+        changed.set()
+
+    async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
+        sizes = {q: len(self._ready.get(q, ())) for q in queues}
+        for _, _, env, _ in self._delayed:
+            if env.queue in sizes:
+                sizes[env.queue] += 1
+        for env, _ in self._in_flight.values():
+            if env.queue in sizes:
+                sizes[env.queue] += 1
+        return sizes
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until no message is ready, delayed or in flight."""
+        _, idle = self._events()
+        self._update_idle()
+        await asyncio.wait_for(idle.wait(), timeout)

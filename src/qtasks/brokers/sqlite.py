@@ -1,0 +1,455 @@
+"""The embedded broker: a queue table in one SQLite file, shared by every local process.
+
+Why it works this way:
+
+* A message is a row; a claim is `consumer = <this broker's id>` written in the same
+  transaction that selected the row, and SQLite runs one write transaction at a time per
+  file, so two workers (threads or processes) never get the same message.
+* Rows stay until acked. Each consumer has a heartbeat row, refreshed by a THREAD (with
+  its own connection) so a task that blocks the event loop cannot make a live worker look
+  dead. The sweep (run by every consumer's thread) frees the claims of consumers silent
+  for `worker_lost_after_seconds`, or with no consumer row at all: a killed worker's tasks
+  come back. A live consumer's claims are never taken, however long a task runs.
+* `eta = 0` marks a row as due. Delayed rows keep their eta until a fetch promotes them
+  (`eta = 0`) once due, so the claim query reads a partial index holding only ready rows
+  in (priority, created_at, id) order and stops after `max_count` rows, never walking
+  over delayed or claimed ones.
+* SQLite cannot push, so an empty fetch polls: with backoff from 2 ms to
+  `poll_interval_seconds`, never past the next eta, and cheaply (`PRAGMA data_version`
+  tells whether another process wrote at all; only then is a claim tried). Publishes,
+  releases and requeues made in this process wake fetchers at once through a signal.
+* Ids come from AUTOINCREMENT, so a receipt (the row id) is never reused by a later
+  message and a late ack cannot delete someone else's row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+from qtasks._sqlite import (
+    DEFAULT_NAMESPACE,
+    SqliteComponent,
+    SqliteDatabase,
+    chunks,
+    connect,
+    placeholders,
+)
+from qtasks.errors import BrokerError, QTasksError
+from qtasks.interfaces import Broker, Delivery, Storage
+from qtasks.message import Envelope, Task
+from qtasks.storages.sqlite import SqliteStorage
+
+if TYPE_CHECKING:
+    from qtasks.config import QueueConfig
+
+log = logging.getLogger(__name__)
+
+_FIRST_POLL_SECONDS = 0.002
+
+_INSERT = (
+    "INSERT INTO qtasks_queue (ns, queue, uuid, priority, created_at, eta, body)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# The literal `consumer IS NULL AND eta = 0` must match the partial index's WHERE clause.
+_SELECT_READY = (
+    "SELECT id, body, queue, priority, created_at, deliveries FROM qtasks_queue"
+    " WHERE ns = ? AND queue = ? AND consumer IS NULL AND eta = 0"
+    " ORDER BY priority, created_at, id LIMIT ?"
+)
+_NEXT_ETA = "SELECT MIN(eta) FROM qtasks_queue WHERE ns = ? AND queue = ? AND eta > 0"
+_REQUEUE = (
+    "UPDATE qtasks_queue SET queue = ?, uuid = ?, priority = ?, created_at = ?, eta = ?,"
+    " body = ?, consumer = NULL WHERE id = ? AND (consumer = ? OR consumer IS NULL)"
+)
+
+_Row = tuple[int, bytes, str, int, float, int]
+
+
+class _Claim(NamedTuple):
+    rows: list[_Row]
+    next_eta: float | None
+    data_version: int
+
+
+def beat(conn: sqlite3.Connection, namespace: str, consumer_id: str) -> None:
+    """Record that `consumer_id` is alive now (re-creating its row if a sweep removed it)."""
+    conn.execute(
+        "INSERT OR REPLACE INTO qtasks_consumers (id, ns, heartbeat) VALUES (?, ?, ?)",
+        (consumer_id, namespace, time.time()),
+    )
+
+
+def sweep(conn: sqlite3.Connection, namespace: str, lost_after_seconds: float) -> int:
+    """Free the claims of consumers silent for `lost_after_seconds`; how many were freed.
+
+    Runs its own transaction on `conn` (a connection in autocommit mode).
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "DELETE FROM qtasks_consumers WHERE ns = ? AND heartbeat < ?",
+            (namespace, time.time() - lost_after_seconds),
+        )
+        # Claims of consumers with no row: just removed above, or never seen again after a
+        # crash. Deliveries are kept, so the next worker sees this was tried before.
+        freed = conn.execute(
+            "UPDATE qtasks_queue SET consumer = NULL"
+            " WHERE ns = ? AND consumer IS NOT NULL"
+            " AND consumer NOT IN (SELECT id FROM qtasks_consumers WHERE ns = ?)",
+            (namespace, namespace),
+        ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return freed
+
+
+class _HeartbeatThread:
+    """Keeps one consumer's heartbeat fresh and sweeps lost consumers, off the event loop."""
+
+    def __init__(self, broker: SqliteBroker) -> None:
+        self.path = broker.path
+        self.namespace = broker.namespace
+        self.consumer_id = broker.consumer_id
+        config = broker.config
+        self.interval = config.heartbeat_interval_seconds
+        self.sweep_interval = config.sweep_interval_seconds
+        self.lost_after = config.worker_lost_after_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._main, name=f"qtasks-heartbeat:{self.consumer_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        """Begin beating in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and wait for the thread to end."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _main(self) -> None:
+        conn: sqlite3.Connection | None = None
+        next_beat = next_sweep = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                beat_due, sweep_due = now >= next_beat, now >= next_sweep
+                # Reschedule first, so a failure waits for the next turn instead of spinning.
+                if beat_due:
+                    next_beat = now + self.interval
+                if sweep_due:
+                    next_sweep = now + self.sweep_interval
+                try:
+                    if conn is None:
+                        conn = connect(self.path)
+                    if beat_due:
+                        beat(conn, self.namespace, self.consumer_id)
+                    if sweep_due:
+                        freed = sweep(conn, self.namespace, self.lost_after)
+                        if freed:
+                            log.warning("%d messages of lost workers are deliverable again", freed)
+                except Exception as exc:
+                    # Keep going whatever happened: a dead heartbeat thread would get this
+                    # live worker's tasks swept and run twice. Missed beats only matter
+                    # after worker_lost_after_seconds.
+                    log.warning("SQLite heartbeat to %s failed: %r", self.path, exc)
+                self._stop.wait(max(0.0, min(next_beat, next_sweep) - time.monotonic()))
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+class SqliteBroker(SqliteComponent, Broker):
+    """The broker of `sqlite:///path.db` URLs; see the module docstring for how it works."""
+
+    error_class = BrokerError
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        config: QueueConfig | None = None,
+    ) -> None:
+        super().__init__(path, namespace=namespace, config=config)
+        self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._registered = False
+        self._heartbeat: _HeartbeatThread | None = None
+
+    async def stop(self) -> None:
+        """Stop heartbeating, give back every claim still held, then close."""
+        db = self._db
+        if db is None:
+            return
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
+        if self._registered:
+            self._registered = False
+            ns, me = self.namespace, self.consumer_id
+
+            def give_back(conn: sqlite3.Connection) -> int:
+                n = conn.execute(
+                    "UPDATE qtasks_queue SET consumer = NULL, deliveries = MAX(deliveries - 1, 0)"
+                    " WHERE ns = ? AND consumer = ?",
+                    (ns, me),
+                ).rowcount
+                conn.execute("DELETE FROM qtasks_consumers WHERE id = ?", (me,))
+                return n
+
+            try:
+                if await self._run(give_back):
+                    db.signal(ns).fire()
+            except QTasksError as exc:
+                # The consumer row stays without heartbeats: the sweep frees the claims later.
+                log.warning("could not give back claims on stop: %s", exc)
+        await super().stop()
+
+    def _publish_job(self, envelopes: Sequence[Envelope]) -> Callable[[sqlite3.Connection], None]:
+        ns = self.namespace
+        now = time.time()
+        rows = [
+            (ns, e.queue, e.uuid, e.priority, e.created_at, _stored_eta(e.eta, now), e.body)
+            for e in envelopes
+        ]
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.executemany(_INSERT, rows)
+
+        return insert
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Insert every message in one transaction."""
+        if not envelopes:
+            return
+        await self._run(self._publish_job(envelopes))
+        self.db.signal(self.namespace).fire()
+
+    async def enqueue(
+        self, storage: Storage, tasks: Sequence[Task], envelopes: Sequence[Envelope]
+    ) -> None:
+        """Records and messages in ONE transaction when the storage uses the same file.
+
+        Atomic (nothing to undo if it fails) and one round trip instead of two.
+        """
+        db = self.db
+        if not (isinstance(storage, SqliteStorage) and storage._db is db):
+            await super().enqueue(storage, tasks, envelopes)
+            return
+        add = storage.add_job(tasks) if tasks else None
+        publish = self._publish_job(envelopes) if envelopes else None
+
+        def both(conn: sqlite3.Connection) -> None:
+            if add is not None:
+                add(conn)
+            if publish is not None:
+                publish(conn)
+
+        await self._run(both)
+        if envelopes:
+            db.signal(self.namespace).fire()
+
+    async def _register(self) -> None:
+        if self._registered:
+            return
+        ns, me = self.namespace, self.consumer_id
+        # Before the first claim, so a sweep never sees our claims without our row.
+        await self._run(lambda conn: beat(conn, ns, me))
+        self._registered = True
+        if self._heartbeat is None:
+            self._heartbeat = _HeartbeatThread(self)
+            self._heartbeat.start()
+
+    async def fetch(self, queues: Sequence[str], max_count: int, timeout: float) -> list[Delivery]:
+        """Claim due messages; poll (cheaply) until `timeout` if there are none."""
+        db = self.db
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        names = list(dict.fromkeys(queues))
+        if max_count <= 0:
+            return []
+        if not names:
+            await asyncio.sleep(max(timeout, 0.0))
+            return []
+        await self._register()
+        signal = db.signal(self.namespace)
+        delay = _FIRST_POLL_SECONDS
+        poll_max = max(self.config.poll_interval_seconds, _FIRST_POLL_SECONDS)
+        while True:
+            seen = signal.version
+            claim = await self._claim(db, names, max_count)
+            if claim.rows:
+                return [Delivery(r[1], r[0], r[2], r[3], r[4], r[5] + 1) for r in claim.rows]
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return []
+                step = min(delay, remaining)
+                if claim.next_eta is not None:
+                    step = min(step, max(0.0, claim.next_eta - time.time()))
+                if await signal.wait(seen, step):
+                    break  # something was published or given back in this process
+                delay = min(delay * 2, poll_max)
+                if claim.next_eta is not None and time.time() >= claim.next_eta:
+                    break
+                if loop.time() >= deadline:
+                    return []
+                if await self._run(_data_version, write=False) != claim.data_version:
+                    break  # another process wrote: worth a real claim
+
+    async def _claim(self, db: SqliteDatabase, queues: list[str], max_count: int) -> _Claim:
+        ns, me = self.namespace, self.consumer_id
+
+        def claim(conn: sqlite3.Connection) -> _Claim:
+            now = time.time()
+            conn.execute(
+                f"UPDATE qtasks_queue SET eta = 0 WHERE ns = ? AND queue IN"
+                f" ({placeholders(len(queues))}) AND eta > 0 AND eta <= ?",
+                (ns, *queues, now),
+            )
+            rows: list[_Row] = []
+            for queue in queues:
+                rows += conn.execute(_SELECT_READY, (ns, queue, max_count)).fetchall()
+            if len(queues) > 1:
+                rows.sort(key=lambda r: (r[3], r[4], r[0]))
+                del rows[max_count:]
+            if rows:
+                for part in chunks([r[0] for r in rows]):
+                    conn.execute(
+                        "UPDATE qtasks_queue SET consumer = ?, deliveries = deliveries + 1"
+                        f" WHERE id IN ({placeholders(len(part))})",
+                        (me, *part),
+                    )
+                return _Claim(rows, None, 0)
+            etas = [conn.execute(_NEXT_ETA, (ns, q)).fetchone()[0] for q in queues]
+            next_eta = min((e for e in etas if e is not None), default=None)
+            return _Claim([], next_eta, _data_version(conn))
+
+        inner = asyncio.ensure_future(self._run(claim))
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            # The claim runs anyway; give back what it took, since nobody will process it.
+            inner.add_done_callback(lambda fut: self._give_back_orphans(db, fut))
+            raise
+
+    def _give_back_orphans(self, db: SqliteDatabase, fut: asyncio.Future[_Claim]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        ids = [r[0] for r in fut.result().rows]
+        if ids:
+            me = self.consumer_id
+            # If the file is closed already, stop() gave back everything we held.
+            with contextlib.suppress(sqlite3.Error):
+                db.submit(lambda conn: _release(conn, ids, me))
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Delete finished messages."""
+        ids = [d.receipt for d in deliveries]
+        if not ids:
+            return
+
+        def delete(conn: sqlite3.Connection) -> None:
+            for part in chunks(ids):
+                conn.execute(
+                    f"DELETE FROM qtasks_queue WHERE id IN ({placeholders(len(part))})", part
+                )
+
+        await self._run(delete)
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Unclaim messages as if never delivered (their delivery count goes back down)."""
+        ids = [d.receipt for d in deliveries]
+        if not ids:
+            return
+        me = self.consumer_id
+        await self._run(lambda conn: _release(conn, ids, me))
+        self.db.signal(self.namespace).fire()
+
+    async def requeue(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Swap each claimed row's message for the next attempt's, in one transaction."""
+        if not items:
+            return
+        now = time.time()
+        me = self.consumer_id
+        rows = [
+            (
+                e.queue,
+                e.uuid,
+                e.priority,
+                e.created_at,
+                _stored_eta(e.eta, now),
+                e.body,
+                d.receipt,
+                me,
+            )
+            for d, e in items
+        ]
+
+        def update(conn: sqlite3.Connection) -> None:
+            conn.executemany(_REQUEUE, rows)
+
+        await self._run(update)
+        self.db.signal(self.namespace).fire()
+
+    async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
+        """Ready + delayed + claimed messages per queue."""
+        ns = self.namespace
+        names = list(dict.fromkeys(queues))
+
+        def count(conn: sqlite3.Connection) -> dict[str, int]:
+            sizes: dict[str, int] = {}
+            for q in names:
+                # Three counts, each answered by one partial index, not a table scan.
+                ready = conn.execute(
+                    "SELECT COUNT(*) FROM qtasks_queue"
+                    " WHERE ns = ? AND queue = ? AND consumer IS NULL AND eta = 0",
+                    (ns, q),
+                ).fetchone()[0]
+                delayed = conn.execute(
+                    "SELECT COUNT(*) FROM qtasks_queue WHERE ns = ? AND queue = ? AND eta > 0",
+                    (ns, q),
+                ).fetchone()[0]
+                claimed = conn.execute(
+                    "SELECT COUNT(*) FROM qtasks_queue"
+                    " WHERE ns = ? AND consumer IS NOT NULL AND queue = ?",
+                    (ns, q),
+                ).fetchone()[0]
+                sizes[q] = int(ready) + int(delayed) + int(claimed)
+            return sizes
+
+        return await self._run(count, write=False)
+
+
+def _stored_eta(eta: float | None, now: float) -> float:
+    # 0 means due: such rows go straight into the ready index.
+    return 0.0 if eta is None or eta <= now else float(eta)
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    # Changes whenever ANOTHER connection (process) committed to the file.
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _release(conn: sqlite3.Connection, ids: Sequence[int], consumer_id: str) -> None:
+    for part in chunks(ids):
+        conn.execute(
+            "UPDATE qtasks_queue SET consumer = NULL, deliveries = MAX(deliveries - 1, 0)"
+            f" WHERE consumer = ? AND id IN ({placeholders(len(part))})",
+            (consumer_id, *part),
+        )

@@ -1,0 +1,62 @@
+"""The app's typed settings, one place for every default."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+BROKER_URL_ENV = "QTASKS_BROKER_URL"
+STORAGE_URL_ENV = "QTASKS_STORAGE_URL"
+DEFAULT_SQLITE_URL = "sqlite:///qtasks.sqlite3"
+
+
+@dataclasses.dataclass
+class QueueConfig:
+    """Settings shared by every part of one app.
+
+    Durations end in `_seconds`. Change them through `QueueTasks(config=QueueConfig(...))`
+    or on `app.config` before the worker starts.
+    """
+
+    max_tasks_process: int = 10
+    """How many tasks one worker process runs at once (the worker's semaphore)."""
+    prefetch: int | None = None
+    """Deliveries a worker holds beyond the running ones; None means equal to max_tasks_process."""
+    fetch_batch: int = 100
+    """Most deliveries taken from the broker in one round trip."""
+    max_threads: int | None = None
+    """Threads for sync task functions; None means max_tasks_process."""
+    default_task_priority: int = 0
+    """Priority of a task that names none; lower runs first."""
+    result_ttl_seconds: float | None = 86_400.0
+    """How long a finished record is kept; None keeps it until deleted."""
+    poll_interval_seconds: float = 0.05
+    """Longest sleep of a broker that cannot block (SQLite) while its queues are empty."""
+    heartbeat_interval_seconds: float = 5.0
+    """How often a worker tells the broker it is alive."""
+    worker_lost_after_seconds: float = 20.0
+    """Silence after which a worker is taken for dead and its tasks are delivered again."""
+    sweep_interval_seconds: float = 5.0
+    """How often a worker looks for dead workers' tasks and expired records."""
+    graceful_shutdown_seconds: float = 30.0
+    """How long a stopping worker lets running tasks finish before giving up on them."""
+    default_retry_backoff_seconds: float = 1.0
+    """First delay between retries when a task sets `retry` but no backoff."""
+    logs_default_level: str = "INFO"
+    """Log level the CLI uses when --log-level is not given."""
+
+    def resolved_prefetch(self) -> int:
+        """Deliveries buffered beyond the running tasks."""
+        return self.prefetch if self.prefetch is not None else self.max_tasks_process
+
+    def resolved_threads(self) -> int:
+        """Size of the thread pool for sync task functions."""
+        return self.max_threads if self.max_threads is not None else self.max_tasks_process
+
+
+def url_from_env(explicit: str | None, env_name: str) -> str | None:
+    """An explicit URL wins; otherwise the environment variable, if set and not empty."""
+    if explicit:
+        return explicit
+    value = os.environ.get(env_name, "").strip()
+    return value or None

@@ -1,0 +1,74 @@
+"""What a running task can see of itself: `TaskContext`, passed first to `echo=True` tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from typing import TYPE_CHECKING, Any
+
+from qtasks.errors import Cancel
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.message import Task, TaskMessage
+
+current_context: contextvars.ContextVar[TaskContext] = contextvars.ContextVar("qtasks_task_context")
+
+
+class TaskLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger that puts the task's name and uuid on every line."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        return f"[{extra.get('task_name')} {extra.get('task_uuid')}] {msg}", kwargs
+
+
+class TaskContext:
+    """The running task's identity, logger and handles back into the app."""
+
+    def __init__(self, app: AsyncQueueTasks, message: TaskMessage, metadata: dict[str, Any]):
+        self.app = app
+        self.message = message
+        self.metadata = metadata
+        self.logger = TaskLogger(
+            logging.getLogger(f"qtasks.task.{message.name}"),
+            {"task_name": message.name, "task_uuid": str(message.uuid)},
+        )
+
+    @property
+    def uuid(self) -> str:
+        """This task's id."""
+        return str(self.message.uuid)
+
+    @property
+    def name(self) -> str:
+        """The registered task name."""
+        return self.message.name
+
+    @property
+    def attempt(self) -> int:
+        """0 on the first run, n on the n-th retry."""
+        return self.message.attempt
+
+    @property
+    def broker(self) -> Any:
+        """The app's broker."""
+        return self.app.broker
+
+    @property
+    def storage(self) -> Any:
+        """The app's storage."""
+        return self.app.storage
+
+    async def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Task | None:
+        """Enqueue a subtask (same options as `app.add_task`)."""
+        return await self.app.add_task(task_name, *args, **kwargs)
+
+    def cancel(self, reason: str = "") -> None:
+        """End this task now with status `cancel`."""
+        raise Cancel(reason)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep without blocking the worker (async tasks)."""
+        await asyncio.sleep(seconds)

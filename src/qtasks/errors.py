@@ -1,0 +1,95 @@
+"""Every error qtasks raises, in one tree.
+
+    QTasksError
+    ├── ConfigurationError        bad URL, unknown scheme, missing extra, bad -A value
+    │   └── TaskAlreadyRegistered two tasks with one name
+    ├── BrokerError               a broker could not publish, fetch or ack
+    ├── StorageError              a storage could not read or write a record
+    ├── EncodeError               arguments or a result cannot be encoded (nothing written)
+    ├── DecodeError               a message on the wire cannot be decoded
+    ├── UnknownTask               no task is registered under that name
+    ├── TaskTimeout               a task ran longer than its max_time
+    └── WaitTimeout               app.wait() gave up before the task finished
+
+Control flow that task code raises stands apart: `Retry` asks for another attempt and
+`Cancel` ends the task with status `cancel`.
+"""
+
+from __future__ import annotations
+
+
+class QTasksError(Exception):
+    """Root of every error qtasks raises."""
+
+
+class ConfigurationError(QTasksError):
+    """The app or a component was set up wrongly; the message says how to fix it."""
+
+
+class TaskAlreadyRegistered(ConfigurationError):  # noqa: N818 - names users know from QTasks
+    """A second task was registered under a name already taken."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"a task named {name!r} is already registered; "
+            f"pass name=... to @app.task to register it under another name"
+        )
+        self.name = name
+
+
+class BrokerError(QTasksError):
+    """The broker failed to move a message."""
+
+
+class StorageError(QTasksError):
+    """The storage failed to read or write a record."""
+
+
+class EncodeError(QTasksError, TypeError):
+    """A value cannot be encoded for the wire; nothing was written."""
+
+
+class DecodeError(QTasksError, ValueError):
+    """Bytes from the broker are not a valid task message."""
+
+
+class UnknownTask(QTasksError, LookupError):  # noqa: N818 - names users know from QTasks
+    """No task is registered under this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no task named {name!r} is registered in this app")
+        self.name = name
+
+
+class TaskTimeout(QTasksError, TimeoutError):  # noqa: N818 - names users know from QTasks
+    """The task ran longer than its max_time."""
+
+    def __init__(self, name: str, max_time: float) -> None:
+        super().__init__(f"task {name!r} exceeded max_time={max_time}s")
+        self.name = name
+        self.max_time = max_time
+
+
+class WaitTimeout(QTasksError, TimeoutError):  # noqa: N818 - names users know from QTasks
+    """Waiting for a task's final status ran out of time."""
+
+    def __init__(self, uuid: str, timeout: float) -> None:
+        super().__init__(f"task {uuid} did not finish within {timeout}s")
+        self.uuid = uuid
+        self.timeout = timeout
+
+
+class Retry(Exception):  # noqa: N818 - a control-flow signal, named for what the user asks
+    """Raise inside a task to ask for another attempt, optionally after `delay` seconds."""
+
+    def __init__(self, reason: str = "", *, delay: float | None = None) -> None:
+        super().__init__(reason or "retry requested")
+        self.delay = delay
+
+
+class Cancel(Exception):  # noqa: N818 - a control-flow signal, named for what the user asks
+    """Raise inside a task (or call `ctx.cancel()`) to end it with status `cancel`."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason or "cancelled")
+        self.reason = reason or "cancelled"

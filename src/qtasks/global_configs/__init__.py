@@ -1,0 +1,1 @@
+"""GlobalConfig implementations, one module each."""

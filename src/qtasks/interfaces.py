@@ -1,0 +1,155 @@
+"""The replaceable parts, each a small interface with the guarantee it must keep.
+
+Brokers move bytes (`Envelope` in, `Delivery` out); storages keep `Task` records; global
+configs keep settings and the live worker registry. Every method that does I/O is
+`async`. Implementations live in `brokers/`, `storages/` and `global_configs/`; the
+contract suites in `tests/contract/` run against each of them.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from qtasks.message import Envelope, Task
+
+
+@dataclasses.dataclass(slots=True)
+class Delivery:
+    """One message handed to a worker; it stays claimed until acked, released or requeued."""
+
+    body: bytes
+    receipt: Any
+    """Broker-specific token that identifies this claim in ack/release/requeue."""
+    queue: str
+    priority: int
+    created_at: float
+    delivery_count: int = 1
+    """How many times this message was handed out, this time included."""
+
+
+class Broker(abc.ABC):
+    """Moves task messages; a delivered message is kept until acked, so a dead worker loses none."""
+
+    consumer_id: str = ""
+
+    async def start(self) -> None:
+        """Connect; called before any other method. Must be callable again after stop."""
+
+    async def stop(self) -> None:
+        """Release this process's claims it still holds and disconnect."""
+
+    @abc.abstractmethod
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Make messages deliverable (after their eta); raise BrokerError if any was not stored."""
+
+    @abc.abstractmethod
+    async def fetch(self, queues: Sequence[str], max_count: int, timeout: float) -> list[Delivery]:
+        """Claim up to max_count due messages, lowest priority number then oldest first.
+
+        Waits at most `timeout` seconds for the first one; returns [] if none came.
+        """
+
+    @abc.abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Forget finished messages; called only after their result is stored."""
+
+    @abc.abstractmethod
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Give unstarted messages back, as they were, for any worker to take."""
+
+    @abc.abstractmethod
+    async def requeue(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Replace each claimed message by a new one (a retry) in one atomic step."""
+
+    async def enqueue(
+        self, storage: Storage, tasks: Sequence[Task], envelopes: Sequence[Envelope]
+    ) -> None:
+        """Store the `new` records, then publish; if publishing fails the records are removed.
+
+        Brokers that share a transaction or round trip with the storage (SQLite in one
+        file, Redis) override this to do both at once.
+        """
+        await storage.add(tasks)
+        try:
+            await self.publish(envelopes)
+        except BaseException:
+            await asyncio.shield(storage.remove([str(t.uuid) for t in tasks]))
+            raise
+
+    async def heartbeat(self) -> None:
+        """Tell the broker this consumer is alive (brokers that track liveness override it)."""
+
+    async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
+        """Messages waiting or in flight per queue, for stats and tests."""
+        return {}
+
+
+class Storage(abc.ABC):
+    """Keeps task records; `save` of a final record wakes everyone waiting on it."""
+
+    async def start(self) -> None:
+        """Connect; callable again after stop."""
+
+    async def stop(self) -> None:
+        """Disconnect."""
+
+    @abc.abstractmethod
+    async def add(self, tasks: Sequence[Task]) -> None:
+        """Store new records; raise StorageError if any was not stored."""
+
+    @abc.abstractmethod
+    async def save(self, tasks: Sequence[Task]) -> None:
+        """Insert or replace records (status changes, results) in one batch."""
+
+    @abc.abstractmethod
+    async def get(self, uuid: str) -> Task | None:
+        """The record, or None if unknown or expired."""
+
+    @abc.abstractmethod
+    async def wait(self, uuid: str, timeout: float) -> Task | None:
+        """The record once final, or None if `timeout` seconds pass first; no busy polling."""
+
+    async def remove(self, uuids: Sequence[str]) -> None:
+        """Delete records (used when a publish failed after the record was added)."""
+
+
+class GlobalConfig(abc.ABC):
+    """Settings and live facts shared by every process of one app."""
+
+    async def start(self) -> None:
+        """Connect; callable again after stop."""
+
+    async def stop(self) -> None:
+        """Disconnect."""
+
+    @abc.abstractmethod
+    async def set(self, key: str, value: Any) -> None:
+        """Store a JSON-encodable value under key."""
+
+    @abc.abstractmethod
+    async def get(self, key: str, default: Any = None) -> Any:
+        """The value under key, or default."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove key if present."""
+
+    @abc.abstractmethod
+    async def items(self) -> dict[str, Any]:
+        """Every stored setting."""
+
+    @abc.abstractmethod
+    async def register_worker(self, info: dict[str, Any]) -> None:
+        """Add or refresh a live worker's entry (info['id'] identifies it)."""
+
+    @abc.abstractmethod
+    async def unregister_worker(self, worker_id: str) -> None:
+        """Remove a worker's entry when it stops."""
+
+    @abc.abstractmethod
+    async def workers(self) -> list[dict[str, Any]]:
+        """Every registered worker's last entry, with its `heartbeat` time."""

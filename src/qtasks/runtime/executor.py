@@ -1,0 +1,276 @@
+"""`TaskExecutor`: runs ONE task, from its arguments to an `Outcome`.
+
+Subclass it to change how tasks run, and pass it as `@app.task(executor=...)` or
+`QueueTasks(executor=...)`. Override `execute()` (returns the task's result) or one of
+its steps and call `super()`:
+
+    prepare_args()        bind and check the arguments, put the context first for echo tasks
+    run_middlewares_before() / run_middlewares_after(result)
+    call()                call the function: sync in the thread pool, async on the loop,
+                          generators step by step through `handle_yield`
+    handle_yield(value)   what a generator's yield becomes (the generate_handler's result)
+
+`run()` is the worker's entry point: it applies `max_time`, captures the error and makes
+the retry decision. It never raises except for cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import enum
+import functools
+import inspect
+import time
+import traceback
+from collections.abc import AsyncGenerator, Generator
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
+
+from qtasks.context import TaskContext, current_context
+from qtasks.errors import Cancel, EncodeError, Retry, TaskTimeout
+from qtasks.retry import Backoff, backoff_delay, should_retry
+from qtasks.serializers import to_builtins
+from qtasks.task import FunctionKind, TaskDefinition
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.message import TaskMessage
+
+
+class ArgumentsMismatch(TypeError):  # noqa: N818 - reads as the reason recorded on the task
+    """The message's arguments do not fit the task's signature; never retried."""
+
+
+class OutcomeKind(enum.Enum):
+    """How one attempt ended."""
+
+    SUCCESS = "success"
+    ERROR = "error"
+    RETRY = "retry"
+    CANCEL = "cancel"
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """The end of one attempt: a result, or an error and what to do about it."""
+
+    kind: OutcomeKind
+    result: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    retry_delay: float = 0.0
+
+
+_STOP_ITERATION = object()
+
+
+class TaskExecutor:
+    """Runs one task; replace per task with `@app.task(executor=...)`."""
+
+    def __init__(
+        self,
+        task: TaskDefinition,
+        message: TaskMessage,
+        app: AsyncQueueTasks,
+        thread_pool: Executor | None = None,
+    ) -> None:
+        self.task = task
+        self.message = message
+        self.app = app
+        self.thread_pool = thread_pool
+        self.args: list[Any] = message.args
+        self.kwargs: dict[str, Any] = message.kwargs
+        self._context: TaskContext | None = None
+
+    @property
+    def context(self) -> TaskContext:
+        """The task's context (created on first use: most tasks never need it)."""
+        if self._context is None:
+            self._context = TaskContext(self.app, self.message, self.task.metadata)
+        return self._context
+
+    # -- steps a subclass may override -------------------------------------------------
+
+    async def prepare_args(self) -> None:
+        """Check the arguments against the signature; put the context first for echo tasks."""
+        try:
+            self.task.bind(self.args, self.kwargs)
+        except TypeError as exc:
+            raise ArgumentsMismatch(
+                f"arguments do not fit {self.task.name}{self.task.signature}: {exc}"
+            ) from None
+        if self.task.echo:
+            self.args = [self.context, *self.args]
+
+    async def run_middlewares_before(self) -> None:
+        """App-wide then per-task `before` hooks; they may change args and kwargs."""
+        for mw in self.app.middlewares:
+            await mw.before(self)
+        for mw in self.task.middlewares_before:
+            await mw.before(self)
+
+    async def run_middlewares_after(self, result: Any) -> Any:
+        """Per-task then app-wide `after` hooks (reverse order); each may replace the result."""
+        for mw in self.task.middlewares_after:
+            result = await mw.after(self, result)
+        for mw in reversed(self.app.middlewares):
+            result = await mw.after(self, result)
+        return result
+
+    async def call(self) -> Any:
+        """Call the task function the way its kind needs."""
+        kind = self.task.kind
+        if kind is FunctionKind.ASYNC:
+            return await self.task.func(*self.args, **self.kwargs)
+        if kind is FunctionKind.SYNC:
+            return await self.run_sync(self.task.func, *self.args, **self.kwargs)
+        if kind is FunctionKind.GENERATOR:
+            return await self.run_generator(self.task.func(*self.args, **self.kwargs))
+        return await self.run_async_generator(self.task.func(*self.args, **self.kwargs))
+
+    async def run_sync(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking callable in the worker's thread pool, with this context copied."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(func, *args, **kwargs) if kwargs else func
+        ctx = contextvars.copy_context()
+        return await loop.run_in_executor(
+            self.thread_pool, ctx.run, call, *(() if kwargs else args)
+        )
+
+    async def handle_yield(self, value: Any) -> Any:
+        """The generate_handler's result for one yielded value (the value itself if none)."""
+        handler = self.task.generate_handler
+        if handler is None:
+            return value
+        result = handler(value)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def run_generator(self, gen: Generator[Any, Any, Any]) -> Any:
+        """Drive a sync generator in the thread pool; yields go through handle_yield.
+
+        Each generate_handler result is sent back into the generator (without a handler
+        it is iterated plainly: `yield` gives None, so `yield from iterator` works). The
+        task's result is the generator's `return` value when it is not None, else the list
+        of handle_yield results.
+        """
+        results: list[Any] = []
+        send_value: Any = None
+
+        def step(value: Any) -> Any:
+            try:
+                return gen.send(value)
+            except StopIteration as stop:
+                return (_STOP_ITERATION, stop.value)
+
+        try:
+            while True:
+                yielded = await self.run_sync(step, send_value)
+                if isinstance(yielded, tuple) and yielded and yielded[0] is _STOP_ITERATION:
+                    returned = yielded[1]
+                    return results if returned is None else returned
+                results.append(await self.handle_yield(yielded))
+                send_value = self._sent_back(results[-1])
+        finally:
+            # Still stepping in a thread after a cancel: it cannot be closed from here.
+            if inspect.getgeneratorstate(gen) != inspect.GEN_RUNNING:
+                gen.close()
+
+    async def run_async_generator(self, agen: AsyncGenerator[Any, Any]) -> Any:
+        """Drive an async generator; the result is the list of handler results.
+
+        (An async generator cannot `return` a value; that is Python's rule.)
+        """
+        results: list[Any] = []
+        send_value: Any = None
+        try:
+            while True:
+                try:
+                    yielded = await agen.asend(send_value)
+                except StopAsyncIteration:
+                    return results
+                results.append(await self.handle_yield(yielded))
+                send_value = self._sent_back(results[-1])
+        finally:
+            await agen.aclose()
+
+    def _sent_back(self, handled: Any) -> Any:
+        return handled if self.task.generate_handler is not None else None
+
+    async def execute(self) -> Any:
+        """Prepare, call and post-process the task; returns its result (storable data)."""
+        await self.prepare_args()
+        if self.app.middlewares or self.task.middlewares_before:
+            await self.run_middlewares_before()
+        result = await self.call()
+        if self.app.middlewares or self.task.middlewares_after:
+            result = await self.run_middlewares_after(result)
+        if self.task.decode is not None:
+            result = self.task.decode(result)
+        return to_builtins(result)
+
+    # -- the worker's entry point ------------------------------------------------------
+
+    async def run(self) -> Outcome:
+        """Execute under max_time and turn the ending into an Outcome (never raises)."""
+        token = current_context.set(self.context) if self.task.echo else None
+        try:
+            max_time = self.task.max_time
+            if max_time is None:
+                result = await self.execute()
+            else:
+                try:
+                    result = await asyncio.wait_for(self.execute(), max_time)
+                except asyncio.TimeoutError:
+                    # For sync tasks the thread keeps running until the function returns;
+                    # only the slot and the record are freed (Python cannot kill a thread).
+                    raise TaskTimeout(self.task.name, max_time) from None
+            return Outcome(OutcomeKind.SUCCESS, result=result)
+        except Cancel as exc:
+            return Outcome(OutcomeKind.CANCEL, error_type="Cancel", error_message=exc.reason)
+        except Exception as exc:
+            return self.failure(exc)
+        finally:
+            if token is not None:
+                current_context.reset(token)
+
+    def failure(self, exc: BaseException) -> Outcome:
+        """Retry or error, by the task's retry settings; argument errors never retry."""
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        kind = OutcomeKind.ERROR
+        delay = 0.0
+        retriable = not isinstance(exc, (ArgumentsMismatch, EncodeError))
+        if retriable and should_retry(
+            exc,
+            attempt=self.message.attempt,
+            retries=self.task.retry,
+            retry_on_exc=self.task.retry_on_exc,
+        ):
+            kind = OutcomeKind.RETRY
+            if isinstance(exc, Retry) and exc.delay is not None:
+                delay = exc.delay
+            else:
+                policy = self.task.retry_backoff
+                if policy is None:
+                    policy = Backoff(base_seconds=self.app.config.default_retry_backoff_seconds)
+                delay = backoff_delay(policy, self.message.attempt + 1)
+        return Outcome(
+            kind,
+            error_type=type(exc).__name__,
+            error_message=str(exc),
+            traceback=tb,
+            retry_delay=delay,
+        )
+
+
+AsyncTaskExecutor = TaskExecutor
+"""The name QTasks users know; qtasks has one executor for sync and async tasks."""
+
+
+def now() -> float:
+    """Wall-clock seconds, the time base of records and etas."""
+    return time.time()

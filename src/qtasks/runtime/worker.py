@@ -1,0 +1,472 @@
+"""The worker: takes deliveries, orders them, runs a bounded number at once, acks after storing.
+
+Shape of one worker process:
+
+    fetcher ──► priority buffer ──► N slots (each runs one task at a time) ──► writer
+    (batches,    (priority, age)     (N = max_tasks_process: the semaphore)    (group commit:
+     bounded                                                                   save records,
+     prefetch)                                                                 then ack)
+
+A fixed pool of N slot coroutines bounds concurrency exactly as a semaphore would, without
+creating an asyncio task per message. The writer batches whatever finished while the
+previous write was in flight, so acks and result writes cost one round trip per batch,
+and a message is acked only after its record is stored (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import time
+import uuid as uuid_module
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from qtasks.errors import DecodeError, UnknownTask
+from qtasks.interfaces import Delivery
+from qtasks.message import DEFAULT_QUEUE, Envelope, Task, TaskMessage, TaskStatusEnum
+from qtasks.runtime.executor import Outcome, OutcomeKind
+from qtasks.serializers import peek_identity
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+
+log = logging.getLogger(__name__)
+
+_FINAL_STATUS = {
+    OutcomeKind.SUCCESS: TaskStatusEnum.SUCCESS,
+    OutcomeKind.ERROR: TaskStatusEnum.ERROR,
+    OutcomeKind.CANCEL: TaskStatusEnum.CANCEL,
+    OutcomeKind.RETRY: TaskStatusEnum.RETRY,
+}
+
+
+class ResultWriter:
+    """Group-commits records, then acks/requeues/releases the deliveries they finish."""
+
+    def __init__(self, app: AsyncQueueTasks, on_settled: Callable[[], None] | None = None) -> None:
+        self.app = app
+        self.unsettled = 0
+        """Deliveries handed over and not yet acked, requeued or released: still claimed."""
+        self._on_settled = on_settled
+        self._saves: dict[uuid_module.UUID, Task] = {}
+        self._acks: list[Delivery] = []
+        self._requeues: list[tuple[Delivery, Envelope]] = []
+        self._releases: list[Delivery] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin flushing in the background."""
+        self._task = asyncio.ensure_future(self._run())
+
+    def save(self, record: Task) -> None:
+        """Store a record with the next batch (a later record of the same task wins)."""
+        self._saves[record.uuid] = record
+        self._kick()
+
+    def finish(self, delivery: Delivery, record: Task) -> None:
+        """Store the final record, then ack its delivery."""
+        self._saves[record.uuid] = record
+        self._acks.append(delivery)
+        self.unsettled += 1
+        self._kick()
+
+    def retry(self, delivery: Delivery, record: Task, envelope: Envelope) -> None:
+        """Store the retry record, then swap the delivery for the next attempt's message."""
+        self._saves[record.uuid] = record
+        self._requeues.append((delivery, envelope))
+        self.unsettled += 1
+        self._kick()
+
+    def release(self, delivery: Delivery) -> None:
+        """Give an unfinished delivery back to the broker."""
+        self._releases.append(delivery)
+        self.unsettled += 1
+        self._kick()
+
+    def _kick(self) -> None:
+        self._idle.clear()
+        self._wake.set()
+
+    def _pending(self) -> bool:
+        return bool(self._saves or self._acks or self._requeues or self._releases)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self, give_up_after: float | None = None) -> None:
+        """Write everything pending; on errors keep it and retry with backoff."""
+        delay = 0.05
+        deadline = None if give_up_after is None else time.monotonic() + give_up_after
+        while self._pending():
+            saves, acks, requeues, releases = (
+                self._saves,
+                self._acks,
+                self._requeues,
+                self._releases,
+            )
+            self._saves, self._acks, self._requeues, self._releases = {}, [], [], []
+            try:
+                if saves:
+                    await self.app.storage.save(list(saves.values()))
+                    saves = {}
+                if requeues:
+                    await self.app.broker.requeue(requeues)
+                    self._settled(len(requeues))
+                    requeues = []
+                if acks:
+                    await self.app.broker.ack(acks)
+                    self._settled(len(acks))
+                    acks = []
+                if releases:
+                    await self.app.broker.release(releases)
+                    self._settled(len(releases))
+                    releases = []
+            except BaseException as exc:
+                # Put back what was not written, older entries first so newer records win;
+                # also when cancelled mid-write by close(), whose own flush then writes it.
+                self._saves = {**saves, **self._saves}
+                self._acks[:0] = acks
+                self._requeues[:0] = requeues
+                self._releases[:0] = releases
+                if not isinstance(exc, Exception):
+                    raise
+                log.exception("storing results failed; will retry in %.2fs", delay)
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    log.error("giving up on %d unstored results; brokers will redeliver", len(acks))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._idle.set()
+
+    def _settled(self, count: int) -> None:
+        self.unsettled -= count
+        if self._on_settled is not None:
+            self._on_settled()
+
+    async def close(self, give_up_after: float) -> None:
+        """Flush what is left and stop."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.flush(give_up_after=give_up_after)
+
+
+class Worker:
+    """Runs tasks from the app's broker in this process; see the module docstring."""
+
+    def __init__(self, *, concurrency: int | None = None, queues: Sequence[str] | None = None):
+        self.concurrency = concurrency
+        self.queues = list(queues) if queues else None
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid_module.uuid4().hex[:8]}"
+        self.started_at: float | None = None
+        self.processed = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._app: AsyncQueueTasks | None = None
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._busy: dict[asyncio.Task[Any], Delivery] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._writer: ResultWriter | None = None
+
+    @property
+    def app(self) -> AsyncQueueTasks:
+        """The app this worker runs for (set by start)."""
+        if self._app is None:
+            raise RuntimeError("the worker is not started")
+        return self._app
+
+    def resolved_queues(self, app: AsyncQueueTasks) -> list[str]:
+        """Queues to consume: the ones given, else every queue a registered task uses."""
+        if self.queues:
+            return self.queues
+        return sorted({d.queue for d in app.tasks.values()} | {DEFAULT_QUEUE})
+
+    async def start(self, app: AsyncQueueTasks) -> None:
+        """Start fetching and running tasks in the background."""
+        self._reset()
+        self._app = app
+        config = app.config
+        self._concurrency = self.concurrency or config.max_tasks_process
+        self._prefetch = config.resolved_prefetch()
+        self._queue_names = self.resolved_queues(app)
+        self._buffer: asyncio.PriorityQueue[tuple[int, float, int, Delivery]] = (
+            asyncio.PriorityQueue()
+        )
+        self._seq = itertools.count()
+        self._room = asyncio.Event()
+        self._pool = ThreadPoolExecutor(
+            max_workers=config.max_threads or self._concurrency, thread_name_prefix="qtasks-task"
+        )
+        # Finished deliveries stay claimed until the writer settles them: they count
+        # against the prefetch bound, so a slow storage slows fetching down.
+        self._writer = ResultWriter(app, on_settled=self._room.set)
+        self._writer.start()
+        self.started_at = time.time()
+        self._tasks = [asyncio.ensure_future(self._fetch_loop())]
+        self._tasks += [asyncio.ensure_future(self._slot()) for _ in range(self._concurrency)]
+        self._tasks.append(asyncio.ensure_future(self._registry_loop()))
+        log.info(
+            "worker %s started: queues=%s concurrency=%d broker=%s",
+            self.id,
+            ",".join(self._queue_names),
+            self._concurrency,
+            type(app.broker).__name__,
+        )
+
+    def info(self) -> dict[str, Any]:
+        """What the worker registry shows about this worker."""
+        return {
+            "id": self.id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self._queue_names,
+            "concurrency": self._concurrency,
+            "started_at": self.started_at,
+            "processed": self.processed,
+        }
+
+    async def _registry_loop(self) -> None:
+        app = self.app
+        while True:
+            try:
+                await app.global_config.register_worker(self.info())
+            except Exception:
+                log.warning("could not refresh the worker registry", exc_info=True)
+            await asyncio.sleep(app.config.heartbeat_interval_seconds)
+
+    # -- fetching ----------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        broker = self.app.broker
+        batch = self.app.config.fetch_batch
+        limit = self._concurrency + self._prefetch
+        backoff = 0.1
+        while not self._stopping:
+            room = limit - self._buffer.qsize() - len(self._busy) - self.writer.unsettled
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                deliveries = await broker.fetch(self._queue_names, min(room, batch), 1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("fetching from the broker failed; retrying in %.1fs", backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            if self.stopping:
+                for d in deliveries:
+                    self.writer.release(d)
+                return
+            for d in deliveries:
+                self._buffer.put_nowait((d.priority, d.created_at, next(self._seq), d))
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called."""
+        return self._stopping
+
+    @property
+    def writer(self) -> ResultWriter:
+        """The result writer (exists while started)."""
+        assert self._writer is not None
+        return self._writer
+
+    # -- running -----------------------------------------------------------------------
+
+    async def _slot(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._stopping:
+            _, _, _, delivery = await self._buffer.get()
+            self._busy[me] = delivery
+            try:
+                await self.process(delivery)
+            except asyncio.CancelledError:
+                # Given up on at shutdown: the broker gets it back for another worker.
+                self.writer.release(delivery)
+                raise
+            finally:
+                del self._busy[me]
+                self._room.set()
+                self.processed += 1
+
+    async def process(self, delivery: Delivery) -> None:
+        """Decode, run and record one delivery; bad input is recorded, never raised."""
+        app = self.app
+        try:
+            message = app.serializer.decode(delivery.body)
+        except DecodeError as exc:
+            self._record_bad_input(delivery, exc)
+            return
+        definition = app.tasks.get(message.name)
+        if definition is None:
+            self._record_failure(delivery, message, UnknownTask(message.name))
+            return
+        started = time.time()
+        record = _record(message, TaskStatusEnum.PROCESS, started)
+        self.writer.save(record)
+        executor_cls = definition.executor or app.executor_class
+        executor = executor_cls(definition, message, app, self._pool)
+        outcome = await executor.run()
+        self._finish(delivery, message, record, outcome)
+
+    def _finish(
+        self, delivery: Delivery, message: TaskMessage, record: Task, outcome: Outcome
+    ) -> None:
+        finished = time.time()
+        final = msgspec.structs.replace(
+            record,
+            status=_FINAL_STATUS[outcome.kind],
+            returning=outcome.result,
+            error_type=outcome.error_type,
+            error_message=outcome.error_message,
+            traceback=outcome.traceback,
+            finished_at=finished,
+        )
+        if outcome.kind is OutcomeKind.RETRY:
+            final.finished_at = None
+            nxt = msgspec.structs.replace(
+                message, attempt=message.attempt + 1, eta=finished + outcome.retry_delay
+            )
+            final.eta = nxt.eta
+            body = self.app.serializer.encode(nxt)
+            env = Envelope(str(nxt.uuid), nxt.queue, nxt.priority, nxt.eta, nxt.created_at, body)
+            log.info(
+                "task %s %s failed (%s: %s); retry %d in %.2fs",
+                message.name,
+                message.uuid,
+                outcome.error_type,
+                outcome.error_message,
+                nxt.attempt,
+                outcome.retry_delay,
+            )
+            self.writer.retry(delivery, final, env)
+            return
+        if outcome.kind is OutcomeKind.ERROR:
+            log.warning(
+                "task %s %s failed: %s: %s",
+                message.name,
+                message.uuid,
+                outcome.error_type,
+                outcome.error_message,
+            )
+        self.writer.finish(delivery, final)
+
+    def _record_failure(self, delivery: Delivery, message: TaskMessage, exc: Exception) -> None:
+        log.error("task %s %s rejected: %s", message.name, message.uuid, exc)
+        now = time.time()
+        record = _record(message, TaskStatusEnum.ERROR, now)
+        record.error_type = type(exc).__name__
+        record.error_message = str(exc)
+        record.finished_at = now
+        self.writer.finish(delivery, record)
+
+    def _record_bad_input(self, delivery: Delivery, exc: DecodeError) -> None:
+        uuid_text, name = peek_identity(delivery.body)
+        try:
+            task_uuid = uuid_module.UUID(uuid_text) if uuid_text else uuid_module.uuid4()
+        except ValueError:
+            task_uuid = uuid_module.uuid4()
+        preview = delivery.body[:512].decode("utf-8", "replace")
+        log.error(
+            "undecodable message on queue %s recorded as %s: %s", delivery.queue, task_uuid, exc
+        )
+        now = time.time()
+        record = Task(
+            uuid=task_uuid,
+            name=name or "<undecodable>",
+            status=TaskStatusEnum.ERROR,
+            queue=delivery.queue,
+            priority=delivery.priority,
+            error_type="DecodeError",
+            error_message=f"{exc}; payload starts with: {preview!r}",
+            attempts=delivery.delivery_count,
+            created_at=delivery.created_at,
+            started_at=now,
+            finished_at=now,
+        )
+        self.writer.finish(delivery, record)
+
+    # -- stopping ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Tasks running right now."""
+        return len(self._busy)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop fetching, let running tasks finish within the grace period, return the rest."""
+        if self._app is None:
+            return
+        app = self.app
+        grace = app.config.graceful_shutdown_seconds if grace_seconds is None else grace_seconds
+        self._stopping = True
+        fetcher, *rest = self._tasks
+        fetcher.cancel()
+        await asyncio.gather(fetcher, return_exceptions=True)
+        unstarted: list[Delivery] = []
+        while not self._buffer.empty():
+            unstarted.append(self._buffer.get_nowait()[3])
+        for d in unstarted:
+            self.writer.release(d)
+        if unstarted:
+            log.info("returned %d unstarted tasks to the broker", len(unstarted))
+        idle = [t for t in rest if t not in self._busy]
+        for t in idle:
+            t.cancel()
+        busy = list(self._busy)
+        if busy:
+            log.info("waiting up to %.1fs for %d running tasks", grace, len(busy))
+            _, pending = await asyncio.wait(busy, timeout=grace) if grace > 0 else (set(), busy)
+            for t in pending:
+                t.cancel()
+            if pending:
+                log.warning("gave up on %d running tasks; they go back to the queue", len(pending))
+        await asyncio.gather(*rest, return_exceptions=True)
+        await self.writer.close(give_up_after=max(grace, 5.0))
+        try:
+            await app.global_config.unregister_worker(self.id)
+        except Exception:
+            log.warning("could not unregister worker %s", self.id, exc_info=True)
+        if self._pool is not None:
+            # Threads of sync tasks that outlived the grace period cannot be killed; do not
+            # wait for them, the process exit ends them.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info("worker %s stopped after %d tasks", self.id, self.processed)
+        self._app = None
+
+
+def _record(message: TaskMessage, status: TaskStatusEnum, started: float) -> Task:
+    return Task(
+        uuid=message.uuid,
+        name=message.name,
+        status=status,
+        priority=message.priority,
+        queue=message.queue,
+        args=message.args,
+        kwargs=message.kwargs,
+        attempts=message.attempt + 1,
+        created_at=message.created_at,
+        started_at=started,
+        eta=message.eta,
+    )

@@ -1,0 +1,1 @@
+"""Storage implementations, one module each."""

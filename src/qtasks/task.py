@@ -1,0 +1,255 @@
+"""`@app.task`: the registered definition and the handle users call `add_task` on."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from qtasks.message import DEFAULT_QUEUE, Task
+from qtasks.middlewares import TaskMiddleware, as_middleware
+from qtasks.retry import BackoffPolicy
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.runtime.executor import TaskExecutor
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+ADD_TASK_OPTIONS = frozenset(
+    {"priority", "timeout", "delay", "eta", "queue", "headers", "task_kwargs"}
+)
+"""Keyword names `add_task` keeps for itself; pass a task argument with one of these names
+inside `task_kwargs={...}`."""
+
+
+class FunctionKind(enum.Enum):
+    """How a task function is called."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+    GENERATOR = "generator"
+    ASYNC_GENERATOR = "async_generator"
+
+
+def function_kind(func: Callable[..., Any]) -> FunctionKind:
+    """Classify a function (unwrapping functools.partial and decorators)."""
+    target = inspect.unwrap(func)
+    if inspect.isasyncgenfunction(target):
+        return FunctionKind.ASYNC_GENERATOR
+    if inspect.isgeneratorfunction(target):
+        return FunctionKind.GENERATOR
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(
+        getattr(target, "__call__", None)  # noqa: B004 - async callable objects
+    ):
+        return FunctionKind.ASYNC
+    return FunctionKind.SYNC
+
+
+@dataclasses.dataclass
+class TaskDefinition:
+    """Everything `@app.task` learned about one task, fixed at registration."""
+
+    name: str
+    func: Callable[..., Any]
+    kind: FunctionKind
+    priority: int | None = None
+    queue: str = DEFAULT_QUEUE
+    retry: int = 0
+    retry_on_exc: tuple[type[BaseException], ...] | None = None
+    retry_backoff: BackoffPolicy | None = None
+    max_time: float | None = None
+    echo: bool = False
+    decode: Callable[[Any], Any] | None = None
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+    generate_handler: Callable[[Any], Any] | None = None
+    executor: type[TaskExecutor] | None = None
+    middlewares_before: list[TaskMiddleware] = dataclasses.field(default_factory=list)
+    middlewares_after: list[TaskMiddleware] = dataclasses.field(default_factory=list)
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    signature: inspect.Signature | None = None
+    """The signature arguments are bound against (without the context of echo tasks)."""
+
+    _fitting_shapes: set[tuple[int, tuple[str, ...]]] = dataclasses.field(
+        default_factory=set, repr=False, compare=False
+    )
+
+    def bind(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Raise TypeError if the arguments do not fit the function's signature."""
+        if self.signature is None:
+            return
+        # Whether arguments bind depends only on how many positionals and which keyword
+        # names there are, never on values: remember shapes that fit (a hot path).
+        shape = (len(args), tuple(kwargs))
+        if shape in self._fitting_shapes:
+            return
+        self.signature.bind(*args, **kwargs)
+        if len(self._fitting_shapes) < 64:
+            self._fitting_shapes.add(shape)
+
+
+def build_definition(
+    func: Callable[..., Any],
+    *,
+    name: str | None = None,
+    priority: int | None = None,
+    queue: str | None = None,
+    retry: int | None = None,
+    retry_on_exc: Sequence[type[BaseException]] | None = None,
+    retry_backoff: BackoffPolicy | None = None,
+    max_time: float | None = None,
+    echo: bool = False,
+    decode: Callable[[Any], Any] | None = None,
+    tags: Sequence[str] = (),
+    description: str | None = None,
+    generate_handler: Callable[[Any], Any] | None = None,
+    executor: type[TaskExecutor] | None = None,
+    middlewares_before: Sequence[TaskMiddleware | type[TaskMiddleware]] = (),
+    middlewares_after: Sequence[TaskMiddleware | type[TaskMiddleware]] = (),
+    metadata: dict[str, Any] | None = None,
+) -> TaskDefinition:
+    """Validate options and build the definition; errors here are the user's to fix."""
+    if not callable(func):
+        raise TypeError(f"@app.task needs a function, got {func!r}")
+    task_name = name or getattr(func, "__name__", None)
+    if not task_name:
+        raise ValueError(f"cannot infer a task name for {func!r}; pass name=...")
+    if retry is not None and retry < 0:
+        raise ValueError(f"task {task_name!r}: retry must be >= 0, got {retry}")
+    if max_time is not None and max_time <= 0:
+        raise ValueError(f"task {task_name!r}: max_time must be > 0, got {max_time}")
+    for exc_type in retry_on_exc or ():
+        if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+            raise TypeError(
+                f"task {task_name!r}: retry_on_exc holds {exc_type!r}, not an exception"
+            )
+    if generate_handler is not None and not callable(generate_handler):
+        raise TypeError(f"task {task_name!r}: generate_handler must be callable")
+    if executor is not None:
+        from qtasks.runtime.executor import TaskExecutor
+
+        if not (isinstance(executor, type) and issubclass(executor, TaskExecutor)):
+            raise TypeError(f"task {task_name!r}: executor must be a TaskExecutor subclass")
+    return TaskDefinition(
+        name=task_name,
+        func=func,
+        kind=function_kind(func),
+        priority=priority,
+        queue=queue or DEFAULT_QUEUE,
+        retry=retry or 0,
+        retry_on_exc=tuple(retry_on_exc) if retry_on_exc is not None else None,
+        retry_backoff=retry_backoff,
+        max_time=max_time,
+        echo=echo,
+        decode=decode,
+        tags=tuple(tags),
+        description=description or inspect.getdoc(func),
+        generate_handler=generate_handler,
+        executor=executor,
+        middlewares_before=[as_middleware(m) for m in middlewares_before],
+        middlewares_after=[as_middleware(m) for m in middlewares_after],
+        metadata=dict(metadata or {}),
+        signature=_call_signature(func, echo=echo),
+    )
+
+
+def _call_signature(func: Callable[..., Any], *, echo: bool) -> inspect.Signature | None:
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):  # builtins without a signature: skip the check
+        return None
+    if echo:
+        params = list(sig.parameters.values())
+        if not params or params[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            raise TypeError(
+                f"task {getattr(func, '__name__', func)!r} has echo=True, so its first "
+                f"parameter must be positional: it receives the TaskContext"
+            )
+        sig = sig.replace(parameters=params[1:])
+    return sig
+
+
+class AsyncTask(Generic[P, R]):
+    """What `@app.task` returns on the async app: call it locally or `await .add_task(...)`."""
+
+    def __init__(self, app: AsyncQueueTasks, definition: TaskDefinition) -> None:
+        self.app = app
+        self.definition = definition
+        self.__name__ = definition.name
+        self.__doc__ = definition.description
+        self.__wrapped__ = definition.func
+
+    @property
+    def name(self) -> str:
+        """The registered name."""
+        return self.definition.name
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the function here, now, as a plain call (no queue)."""
+        result: R = self.definition.func(*args, **kwargs)
+        return result
+
+    @overload
+    async def add_task(
+        self,
+        *args: Any,
+        priority: int | None = ...,
+        timeout: None = ...,
+        delay: float | None = ...,
+        eta: datetime | float | None = ...,
+        queue: str | None = ...,
+        headers: dict[str, str] | None = ...,
+        task_kwargs: dict[str, Any] | None = ...,
+        **kwargs: Any,
+    ) -> Task: ...
+
+    @overload
+    async def add_task(
+        self,
+        *args: Any,
+        priority: int | None = ...,
+        timeout: float,
+        delay: float | None = ...,
+        eta: datetime | float | None = ...,
+        queue: str | None = ...,
+        headers: dict[str, str] | None = ...,
+        task_kwargs: dict[str, Any] | None = ...,
+        **kwargs: Any,
+    ) -> Task | None: ...
+
+    async def add_task(
+        self,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: datetime | float | None = None,
+        queue: str | None = None,
+        headers: dict[str, str] | None = None,
+        task_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Task | None:
+        """Enqueue this task; with `timeout` wait for and return the finished record."""
+        return await self.app.add_task(
+            self.definition.name,
+            *args,
+            priority=priority,
+            timeout=timeout,
+            delay=delay,
+            eta=eta,
+            queue=queue,
+            headers=headers,
+            task_kwargs=task_kwargs,
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return f"<AsyncTask {self.definition.name!r} ({self.definition.kind.value})>"

@@ -1,0 +1,210 @@
+"""The Broker contract: every broker backend must pass these (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from qtasks.config import QueueConfig
+from qtasks.interfaces import Broker, Delivery, Storage
+from qtasks.message import Envelope, TaskMessage, new_uuid, record_for
+
+from .conftest import Harness, MakeBroker
+
+
+def env(
+    body: bytes | str,
+    *,
+    queue: str = "q",
+    priority: int = 0,
+    eta: float | None = None,
+    created_at: float | None = None,
+) -> Envelope:
+    """An envelope whose body is `body` (tests identify messages by body)."""
+    data = body.encode() if isinstance(body, str) else body
+    created = time.time() if created_at is None else created_at
+    return Envelope(str(uuid.uuid4()), queue, priority, eta, created, data)
+
+
+async def drain(broker: Broker, queues: list[str], max_count: int = 100) -> list[Delivery]:
+    """Everything deliverable now, without acking it."""
+    out: list[Delivery] = []
+    while batch := await broker.fetch(queues, max_count, 0.05):
+        out += batch
+    return out
+
+
+async def test_publish_fetch_ack(broker: Broker) -> None:
+    await broker.publish([env("a"), env("b"), env("c")])
+    got = await drain(broker, ["q"])
+    assert sorted(d.body for d in got) == [b"a", b"b", b"c"]
+    assert all(d.queue == "q" and d.delivery_count == 1 for d in got)
+    await broker.ack(got)
+    assert await broker.fetch(["q"], 10, 0.05) == []
+    sizes = await broker.queue_sizes(["q"])
+    assert sizes.get("q", 0) == 0
+
+
+async def test_empty_batches_are_no_ops(broker: Broker) -> None:
+    await broker.publish([])
+    await broker.ack([])
+    await broker.release([])
+    await broker.requeue([])
+    assert await broker.fetch(["q"], 10, 0) == []
+
+
+async def test_fetch_times_out_on_empty_queue(broker: Broker) -> None:
+    start = time.monotonic()
+    assert await broker.fetch(["q"], 10, 0.2) == []
+    elapsed = time.monotonic() - start
+    assert 0.18 <= elapsed < 0.6
+
+
+async def test_fetch_wakes_when_published(broker: Broker) -> None:
+    start = time.monotonic()
+    fetching = asyncio.ensure_future(broker.fetch(["q"], 10, 5.0))
+    await asyncio.sleep(0.05)
+    await broker.publish([env("late")])
+    got = await asyncio.wait_for(fetching, 2.0)
+    assert [d.body for d in got] == [b"late"]
+    assert time.monotonic() - start < 1.0
+
+
+async def test_priority_then_age(broker: Broker) -> None:
+    base = time.time() - 100
+    await broker.publish(
+        [
+            env("p5-old", priority=5, created_at=base),
+            env("p0-new", priority=0, created_at=base + 3),
+            env("p3", priority=3, created_at=base + 1),
+            env("p0-old", priority=0, created_at=base + 2),
+            env("p-1", priority=-1, created_at=base + 4),
+        ]
+    )
+    got = await drain(broker, ["q"])
+    assert [d.body for d in got] == [b"p-1", b"p0-old", b"p0-new", b"p3", b"p5-old"]
+    assert [d.priority for d in got] == [-1, 0, 0, 3, 5]
+
+
+async def test_priority_across_queues(broker: Broker) -> None:
+    base = time.time() - 100
+    await broker.publish(
+        [
+            env("a1", queue="a", priority=1, created_at=base),
+            env("b0", queue="b", priority=0, created_at=base + 1),
+            env("a0", queue="a", priority=0, created_at=base + 2),
+        ]
+    )
+    got = await broker.fetch(["a", "b"], 2, 1.0)
+    assert [d.body for d in got] == [b"b0", b"a0"]
+    assert [d.queue for d in got] == ["b", "a"]
+
+
+async def test_max_count(broker: Broker) -> None:
+    await broker.publish([env(f"m{i}") for i in range(10)])
+    first = await broker.fetch(["q"], 3, 1.0)
+    assert len(first) == 3
+    rest = await drain(broker, ["q"])
+    assert len(rest) == 7
+    assert {d.body for d in first}.isdisjoint(d.body for d in rest)
+
+
+async def test_delayed_not_before_eta(broker: Broker) -> None:
+    eta = time.time() + 0.3
+    await broker.publish([env("later", eta=eta), env("now"), env("past", eta=time.time() - 5)])
+    got = await drain(broker, ["q"])
+    assert sorted(d.body for d in got) == [b"now", b"past"]
+    assert await broker.fetch(["q"], 10, 0.05) == []
+    got = await broker.fetch(["q"], 10, 2.0)
+    assert time.time() >= eta
+    assert time.time() < eta + 0.5
+    assert [d.body for d in got] == [b"later"]
+
+
+async def test_release_gives_back_unchanged(broker: Broker, peer_broker: Broker) -> None:
+    await broker.publish([env("r")])
+    (first,) = await broker.fetch(["q"], 10, 1.0)
+    assert first.delivery_count == 1
+    await broker.release([first])
+    (again,) = await peer_broker.fetch(["q"], 10, 1.0)
+    assert again.body == b"r"
+    assert again.delivery_count == 1
+
+
+async def test_requeue_replaces_body_and_eta(broker: Broker) -> None:
+    await broker.publish([env("try1")])
+    (first,) = await broker.fetch(["q"], 10, 1.0)
+    eta = time.time() + 0.2
+    await broker.requeue([(first, env("try2", eta=eta, priority=2))])
+    assert await broker.fetch(["q"], 10, 0.05) == []
+    (second,) = await broker.fetch(["q"], 10, 2.0)
+    assert time.time() >= eta
+    assert second.body == b"try2"
+    assert second.priority == 2
+    assert second.delivery_count == 2
+    await broker.ack([second])
+    assert await broker.fetch(["q"], 10, 0.05) == []
+
+
+async def test_claimed_not_given_to_another_consumer(broker: Broker, peer_broker: Broker) -> None:
+    await broker.publish([env("one"), env("two")])
+    (mine,) = await broker.fetch(["q"], 1, 1.0)
+    theirs = await peer_broker.fetch(["q"], 10, 0.1)
+    assert [d.body for d in theirs] == [b"two" if mine.body == b"one" else b"one"]
+    assert await peer_broker.fetch(["q"], 10, 0.05) == []
+
+
+async def test_concurrent_fetchers_never_share(broker: Broker, peer_broker: Broker) -> None:
+    total = 1000
+    await broker.publish([env(str(i)) for i in range(total)])
+
+    async def consume(b: Broker, max_count: int) -> list[bytes]:
+        bodies: list[bytes] = []
+        while batch := await b.fetch(["q"], max_count, 0.05):
+            bodies += [d.body for d in batch]
+            await b.ack(batch)
+        return bodies
+
+    one, two = await asyncio.gather(consume(broker, 37), consume(peer_broker, 50))
+    assert len(one) + len(two) == total
+    assert set(one) | set(two) == {str(i).encode() for i in range(total)}
+
+
+async def test_stop_returns_claimed(make_broker: MakeBroker) -> None:
+    broker = await make_broker()
+    await broker.publish([env("s1"), env("s2"), env("s3")])
+    got = await broker.fetch(["q"], 2, 1.0)
+    assert len(got) == 2
+    await broker.stop()
+    await broker.start()
+    again = await drain(broker, ["q"])
+    assert sorted(d.body for d in again) == [b"s1", b"s2", b"s3"]
+
+
+async def test_queue_isolation(broker: Broker) -> None:
+    await broker.publish([env("in-a", queue="a")])
+    assert await broker.fetch(["b"], 10, 0.05) == []
+    got = await broker.fetch(["a"], 10, 1.0)
+    assert [(d.body, d.queue) for d in got] == [(b"in-a", "a")]
+
+
+async def test_queue_sizes_count_ready_delayed_and_claimed(broker: Broker) -> None:
+    await broker.publish(
+        [env("1"), env("2"), env("3", eta=time.time() + 60), env("4", queue="other")]
+    )
+    await broker.fetch(["q"], 1, 1.0)
+    assert await broker.queue_sizes(["q", "other", "empty"]) == {"q": 3, "other": 1, "empty": 0}
+
+
+async def test_enqueue_stores_record_and_message(
+    broker: Broker, broker_harness: Harness, started: Any, qconfig: QueueConfig
+) -> None:
+    storage: Storage = await started.start(broker_harness.storage(qconfig))
+    message = TaskMessage(uuid=new_uuid(), name="job", created_at=time.time())
+    record = record_for(message)
+    envelope = Envelope(str(message.uuid), "q", 0, None, message.created_at, b"enqueued")
+    await broker.enqueue(storage, [record], [envelope])
+    assert await storage.get(str(message.uuid)) == record
+    assert [d.body for d in await broker.fetch(["q"], 10, 1.0)] == [b"enqueued"]
