@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+from pathlib import Path
+
 import pytest
 
 from qtasks.asyncio import QueueTasks
@@ -92,6 +94,18 @@ class CountingBroker(MemoryBroker):
     def ready(self) -> int:
         """Messages waiting to be claimed (due now)."""
         return sum(len(h) for h in self._ready.values())
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder with no QTASKS_* URL from the caller's shell.
+
+    The embedded default is a file in the working directory; without this a test that
+    builds a default app would leave it in the checkout.
+    """
+    monkeypatch.chdir(tmp_path)
+    for name in ("QTASKS_BROKER_URL", "QTASKS_STORAGE_URL", "QTASKS_APP"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

@@ -272,6 +272,10 @@ class AsyncQueueTasks:
                 raise TypeError(
                     f"task {task_name!r}{definition.signature}: {exc}; nothing was enqueued"
                 ) from None
+        if headers and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise TypeError(f"headers must map str to str, got {headers!r}; nothing was enqueued")
         now = time.time()
         when: float | None
         if eta is not None and delay is not None:

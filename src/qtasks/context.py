@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from qtasks.errors import Cancel
@@ -28,6 +29,7 @@ class TaskContext:
     """The running task's identity, logger and handles back into the app."""
 
     def __init__(self, app: AsyncQueueTasks, message: TaskMessage, metadata: dict[str, Any]):
+        self.loop = asyncio.get_running_loop()
         self.app = app
         self.message = message
         self.metadata = metadata
@@ -72,3 +74,20 @@ class TaskContext:
     async def sleep(self, seconds: float) -> None:
         """Sleep without blocking the worker (async tasks)."""
         await asyncio.sleep(seconds)
+
+
+class SyncTaskContext(TaskContext):
+    """The context of a sync or generator task, which runs in a worker thread.
+
+    Its `add_task` and `sleep` block the thread instead of returning coroutines; the
+    enqueue itself runs on the worker's loop, so there is still one producer code path.
+    """
+
+    def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Task | None:  # type: ignore[override]
+        """Enqueue a subtask from the task's thread and return its record."""
+        coro = self.app.add_task(task_name, *args, **kwargs)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def sleep(self, seconds: float) -> None:  # type: ignore[override]
+        """Sleep in the task's thread."""
+        time.sleep(seconds)

@@ -35,6 +35,11 @@ class FunctionKind(enum.Enum):
     GENERATOR = "generator"
     ASYNC_GENERATOR = "async_generator"
 
+    @property
+    def on_loop(self) -> bool:
+        """True when the function's code runs on the worker's event loop (not a thread)."""
+        return self in (FunctionKind.ASYNC, FunctionKind.ASYNC_GENERATOR)
+
 
 def function_kind(func: Callable[..., Any]) -> FunctionKind:
     """Classify a function (unwrapping functools.partial and decorators)."""

@@ -40,9 +40,6 @@ class Harness:
     """Builds one backend's components; subclass it per backend."""
 
     name = "?"
-    separate_consumers = True
-    """False when the backend has a single consumer per process (the memory broker): then
-    `peer_broker` is the same instance and "another consumer" tests use it twice."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
@@ -52,7 +49,11 @@ class Harness:
         raise NotImplementedError
 
     def peer_broker(self, first: Broker, config: QueueConfig) -> Broker:
-        """A second consumer of `first`'s queues (not started), or `first` itself."""
+        """A second consumer of `first`'s queues (not started).
+
+        Return `first` itself when the backend has one consumer per process (the memory
+        broker); "another consumer" tests then fetch from the same instance twice.
+        """
         return self.broker(config)
 
     def storage(self, config: QueueConfig) -> Storage:
@@ -71,13 +72,12 @@ class MemoryHarness(Harness):
     """The in-process backend."""
 
     name = "memory"
-    separate_consumers = False
 
     def broker(self, config: QueueConfig) -> Broker:
         return MemoryBroker.from_url("memory://", namespace="test", config=config)
 
     def peer_broker(self, first: Broker, config: QueueConfig) -> Broker:
-        return first
+        return first  # one in-process queue: the same instance is the only consumer
 
     def storage(self, config: QueueConfig) -> Storage:
         return MemoryStorage.from_url("memory://", namespace="test", config=config)

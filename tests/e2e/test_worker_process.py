@@ -124,3 +124,22 @@ def test_sigterm_loses_nothing_and_runs_nothing_twice(
         assert second.wait(timeout=30) == 0
     finally:
         app.close()
+
+
+def test_processes_option_runs_several_workers_and_stops_cleanly(
+    e2e_dir: Callable[..., Path], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    folder = e2e_dir()
+    app = producer_app(folder)
+    try:
+        uuids = [str(app.add_task("nap", 0.2).uuid) for _ in range(40)]
+        supervisor = start_worker(folder, "--processes", "2", "--concurrency", "4")
+        for uuid in uuids:
+            assert app.wait(uuid, timeout=60).status == TaskStatusEnum.SUCCESS
+        pids = {w[2] for w in read_ledger(folder) if w[0] == "nap-end"}
+        assert len(pids) == 2, "both worker processes took tasks"
+        assert str(supervisor.pid) not in pids, "the supervisor itself runs no tasks"
+        supervisor.signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=30) == 0, supervisor.log()
+    finally:
+        app.close()

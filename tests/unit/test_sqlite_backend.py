@@ -472,3 +472,48 @@ async def test_enqueue_failure_leaves_nothing(make: Callable[..., Any], db_path:
     with pytest.raises(BrokerError):
         await broker.enqueue(storage, [record_for(message)], [bad])  # body NOT NULL fails
     assert await storage.get(str(message.uuid)) is None
+
+
+def _claim_and_hang(path: str, claimed: Any) -> None:
+    async def main() -> None:
+        broker = SqliteBroker(path, namespace="kill", config=FAST)
+        await broker.start()
+        got = await broker.fetch(["q"], 5, 5.0)
+        claimed.put(len(got))
+        await asyncio.sleep(60)  # killed long before this ends
+
+    asyncio.run(main())
+
+
+async def test_killed_process_tasks_come_back(db_path: Path, spawn: Any) -> None:
+    broker = SqliteBroker(db_path, namespace="kill", config=FAST)
+    await broker.start()
+    try:
+        await broker.publish([env(str(i)) for i in range(5)])
+        claimed = spawn.Queue()
+        proc = spawn.Process(target=_claim_and_hang, args=(str(db_path), claimed))
+        proc.start()
+        try:
+            assert claimed.get(timeout=20) == 5
+        finally:
+            proc.kill()
+            proc.join(5)
+            claimed.close()
+            claimed.join_thread()
+        assert await broker.fetch(["q"], 10, 0.05) == []  # still held by the dead process
+        start = time.monotonic()
+        got = await drain_all(broker)
+        assert sorted(d.body for d in got) == [str(i).encode() for i in range(5)]
+        assert {d.delivery_count for d in got} == {2}
+        assert time.monotonic() - start < FAST.worker_lost_after_seconds + 1.0
+    finally:
+        await broker.stop()
+
+
+async def drain_all(broker: SqliteBroker) -> list[Any]:
+    """Fetch until five messages came back (or 3 s passed)."""
+    out: list[Any] = []
+    deadline = time.monotonic() + 3
+    while len(out) < 5 and time.monotonic() < deadline:
+        out += await broker.fetch(["q"], 10, 0.5)
+    return out

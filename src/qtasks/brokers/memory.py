@@ -53,7 +53,7 @@ class MemoryBroker(Broker):
 
     async def stop(self) -> None:
         for receipt in list(self._in_flight):
-            self._put_back(receipt)
+            self._put_back(receipt, undo=True)
         self._changed = None
         self._idle = None
 

@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator, Generator
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
-from qtasks.context import TaskContext, current_context
+from qtasks.context import SyncTaskContext, TaskContext, current_context
 from qtasks.errors import Cancel, EncodeError, Retry, TaskTimeout
 from qtasks.retry import Backoff, backoff_delay, should_retry
 from qtasks.serializers import to_builtins
@@ -89,7 +89,10 @@ class TaskExecutor:
     def context(self) -> TaskContext:
         """The task's context (created on first use: most tasks never need it)."""
         if self._context is None:
-            self._context = TaskContext(self.app, self.message, self.task.metadata)
+            # Sync functions run in a thread, where a coroutine-returning add_task would
+            # be useless: they get a context whose add_task blocks instead.
+            cls = TaskContext if self.task.kind.on_loop else SyncTaskContext
+            self._context = cls(self.app, self.message, self.task.metadata)
         return self._context
 
     # -- steps a subclass may override -------------------------------------------------
@@ -232,7 +235,9 @@ class TaskExecutor:
             return Outcome(OutcomeKind.SUCCESS, result=result)
         except Cancel as exc:
             return Outcome(OutcomeKind.CANCEL, error_type="Cancel", error_message=exc.reason)
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # sys.exit() or KeyboardInterrupt raised by task code must not end the worker:
+            # the worker's own stop comes through signals, never through these.
             return self.failure(exc)
         finally:
             if token is not None:

@@ -22,6 +22,7 @@ class MemoryStorage(Storage):
         self._expires: dict[str, float] = {}
         self._waiters = Waiters()
         self.result_ttl_seconds = result_ttl_seconds
+        self._next_purge = 0.0
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> MemoryStorage:
@@ -34,12 +35,22 @@ class MemoryStorage(Storage):
 
     async def save(self, tasks: Sequence[Task]) -> None:
         ttl = self.result_ttl_seconds
+        now = time.time()
+        if self._expires and now >= self._next_purge:
+            self._purge(now)
         for task in tasks:
             key = str(task.uuid)
             self._records[key] = task
             if ttl is not None and task.is_final:
                 self._expires[key] = (task.finished_at or time.time()) + ttl
         self._waiters.notify(tasks)
+
+    def _purge(self, now: float) -> None:
+        """Drop expired records; at most once a second so saves stay cheap."""
+        self._next_purge = now + 1.0
+        for uuid in [u for u, t in self._expires.items() if t <= now]:
+            self._records.pop(uuid, None)
+            del self._expires[uuid]
 
     async def get(self, uuid: str) -> Task | None:
         task = self._records.get(uuid)

@@ -1,0 +1,120 @@
+"""Bugs found by review, each with the test that failed before its fix."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from qtasks import TaskContext, TaskStatusEnum
+from qtasks.asyncio import QueueTasks
+from qtasks.context import SyncTaskContext
+from qtasks.runtime.worker import Worker
+from qtasks.storages.memory import MemoryStorage
+
+RunUntilIdle = Callable[..., Awaitable[Worker]]
+
+
+async def test_sync_echo_task_can_enqueue_subtasks(
+    app: QueueTasks, run_until_idle: RunUntilIdle
+) -> None:
+    seen: list[Any] = []
+
+    @app.task
+    def child(x: int) -> int:
+        return x + 1
+
+    @app.task(echo=True)
+    def parent(ctx: SyncTaskContext, x: int) -> str:
+        seen.append(type(ctx))
+        sub = ctx.add_task("child", x)
+        assert sub is not None
+        return str(sub.uuid)
+
+    record = await parent.add_task(41)
+    await run_until_idle(app)
+    final = await app.get(record.uuid)
+    assert final is not None
+    assert final.status == TaskStatusEnum.SUCCESS
+    assert seen == [SyncTaskContext]
+    sub = await app.get(final.returning)
+    assert sub is not None
+    assert sub.status == TaskStatusEnum.SUCCESS
+    assert sub.returning == 42
+
+
+async def test_async_echo_task_gets_the_awaitable_context(
+    app: QueueTasks, run_until_idle: RunUntilIdle
+) -> None:
+    @app.task(echo=True)
+    async def parent(ctx: TaskContext) -> str:
+        return type(ctx).__name__
+
+    record = await parent.add_task()
+    await run_until_idle(app)
+    final = await app.get(record.uuid)
+    assert final is not None
+    assert final.returning == "TaskContext"
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()])
+async def test_task_raising_systemexit_fails_that_task_only(
+    app: QueueTasks, run_until_idle: RunUntilIdle, exc: BaseException
+) -> None:
+    @app.task
+    def bad() -> None:
+        raise exc
+
+    @app.task
+    def good() -> int:
+        return 1
+
+    first = await bad.add_task()
+    second = await good.add_task()
+    await run_until_idle(app, concurrency=1)
+    failed = await app.get(first.uuid)
+    assert failed is not None
+    assert failed.status == TaskStatusEnum.ERROR
+    assert failed.error_type == type(exc).__name__
+    ok = await app.get(second.uuid)
+    assert ok is not None
+    assert ok.status == TaskStatusEnum.SUCCESS
+
+
+async def test_headers_must_be_strings(app: QueueTasks) -> None:
+    @app.task
+    def noop() -> None:
+        return None
+
+    with pytest.raises(TypeError, match="headers must map str to str"):
+        await noop.add_task(headers={"k": 1})  # type: ignore[dict-item]
+    assert len(app.storage) == 0  # type: ignore[arg-type]
+
+
+async def test_memory_storage_purges_expired_records_without_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = MemoryStorage(result_ttl_seconds=10)
+    app = QueueTasks(broker_url="memory://", storage=storage)
+
+    @app.task
+    def noop() -> None:
+        return None
+
+    record = await noop.add_task()
+    finished = record.__class__(
+        uuid=record.uuid, name="noop", status=TaskStatusEnum.SUCCESS, finished_at=time.time()
+    )
+    await storage.save([finished])
+    assert len(storage) == 1
+    later = time.time() + 60
+    monkeypatch.setattr(sys.modules["qtasks.storages.memory"].time, "time", lambda: later)
+    other = record.__class__(
+        uuid=finished.uuid.__class__(int=1), name="x", status=TaskStatusEnum.NEW
+    )
+    await storage.save([other])
+    assert len(storage) == 1  # the expired record is gone, the new one stays
+    await app.stop()
