@@ -79,9 +79,14 @@ def test_sigkill_mid_task_the_task_finishes_on_a_new_worker(
             30,
             "the task to start on the first worker",
         )
+        # A task still running shortly after it started is recorded as `process`.
+        wait_for(
+            lambda: app.get(uuid).status == TaskStatusEnum.PROCESS,  # type: ignore[union-attr]
+            10,
+            "the process record of the long task",
+        )
         first.signal(signal.SIGKILL)
         first.wait(timeout=10)
-        assert app.get(uuid).status == TaskStatusEnum.PROCESS  # type: ignore[union-attr]
 
         second = start_worker(folder)
         final = app.wait(uuid, timeout=60)

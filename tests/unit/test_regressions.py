@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -118,3 +119,26 @@ async def test_memory_storage_purges_expired_records_without_reads(
     await storage.save([other])
     assert len(storage) == 1  # the expired record is gone, the new one stays
     await app.stop()
+
+
+async def test_short_tasks_are_stored_once_long_ones_show_process_first(
+    make_app: Callable[..., QueueTasks], recording_storage: Any, running_worker: Any
+) -> None:
+    app = make_app(storage=recording_storage)
+
+    @app.task
+    async def quick() -> int:
+        return 1
+
+    @app.task
+    async def slow() -> int:
+        await asyncio.sleep(0.3)
+        return 2
+
+    q = await quick.add_task()
+    s = await slow.add_task()
+    async with running_worker(app, concurrency=2):
+        await app.wait(q.uuid, 5)
+        await app.wait(s.uuid, 5)
+    assert recording_storage.statuses(q.uuid) == [TaskStatusEnum.SUCCESS]
+    assert recording_storage.statuses(s.uuid) == [TaskStatusEnum.PROCESS, TaskStatusEnum.SUCCESS]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from qtasks.context import SyncTaskContext, TaskContext, current_context
 from qtasks.errors import Cancel, EncodeError, Retry, TaskTimeout
 from qtasks.retry import Backoff, backoff_delay, should_retry
+from qtasks.runtime.threads import TaskThreadPool
 from qtasks.serializers import to_builtins
 from qtasks.task import FunctionKind, TaskDefinition
 
@@ -75,7 +76,7 @@ class TaskExecutor:
         task: TaskDefinition,
         message: TaskMessage,
         app: AsyncQueueTasks,
-        thread_pool: Executor | None = None,
+        thread_pool: TaskThreadPool | Executor | None = None,
     ) -> None:
         self.task = task
         self.message = message
@@ -136,12 +137,14 @@ class TaskExecutor:
 
     async def run_sync(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a blocking callable in the worker's thread pool, with this context copied."""
-        loop = asyncio.get_running_loop()
         call = functools.partial(func, *args, **kwargs) if kwargs else func
+        call_args = () if kwargs else args
+        pool = self.thread_pool
+        if isinstance(pool, TaskThreadPool):
+            return await pool.run(call, *call_args)
+        # Outside a worker (an executor used on its own): any concurrent.futures pool.
         ctx = contextvars.copy_context()
-        return await loop.run_in_executor(
-            self.thread_pool, ctx.run, call, *(() if kwargs else args)
-        )
+        return await asyncio.get_running_loop().run_in_executor(pool, ctx.run, call, *call_args)
 
     async def handle_yield(self, value: Any) -> Any:
         """The generate_handler's result for one yielded value (the value itself if none)."""

@@ -23,7 +23,6 @@ import socket
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -32,6 +31,7 @@ from qtasks.errors import DecodeError, UnknownTask
 from qtasks.interfaces import Delivery
 from qtasks.message import DEFAULT_QUEUE, Envelope, Task, TaskMessage, TaskStatusEnum
 from qtasks.runtime.executor import Outcome, OutcomeKind
+from qtasks.runtime.threads import TaskThreadPool
 from qtasks.serializers import peek_identity
 
 if TYPE_CHECKING:
@@ -47,6 +47,10 @@ _FINAL_STATUS = {
 }
 
 
+STARTED_RECORD_DELAY_SECONDS = 0.05
+"""A task still running this long after it started gets its `process` record stored."""
+
+
 class ResultWriter:
     """Group-commits records, then acks/requeues/releases the deliveries they finish."""
 
@@ -56,6 +60,8 @@ class ResultWriter:
         """Deliveries handed over and not yet acked, requeued or released: still claimed."""
         self._on_settled = on_settled
         self._saves: dict[uuid_module.UUID, Task] = {}
+        self._started: dict[uuid_module.UUID, Task] = {}
+        self._started_timer: asyncio.TimerHandle | None = None
         self._acks: list[Delivery] = []
         self._requeues: list[tuple[Delivery, Envelope]] = []
         self._releases: list[Delivery] = []
@@ -73,8 +79,35 @@ class ResultWriter:
         self._saves[record.uuid] = record
         self._kick()
 
+    def started(self, record: Task) -> None:
+        """Note that a task began; its `process` record is stored only if it still runs later.
+
+        A task that ends within STARTED_RECORD_DELAY_SECONDS goes from `new` to its final
+        status in one write: for short tasks this halves the storage writes, and a
+        `process` status that nobody could have seen is no loss.
+        """
+        self._started[record.uuid] = record
+        if self._started_timer is None:
+            self._started_timer = asyncio.get_running_loop().call_later(
+                STARTED_RECORD_DELAY_SECONDS, self._store_long_running
+            )
+
+    def _store_long_running(self) -> None:
+        self._started_timer = None
+        cutoff = time.time() - STARTED_RECORD_DELAY_SECONDS
+        due = [u for u, r in self._started.items() if (r.started_at or 0.0) <= cutoff]
+        for uuid in due:
+            self._saves.setdefault(uuid, self._started.pop(uuid))
+        if self._started:
+            self._started_timer = asyncio.get_running_loop().call_later(
+                STARTED_RECORD_DELAY_SECONDS, self._store_long_running
+            )
+        if due:
+            self._kick()
+
     def finish(self, delivery: Delivery, record: Task) -> None:
         """Store the final record, then ack its delivery."""
+        self._started.pop(record.uuid, None)
         self._saves[record.uuid] = record
         self._acks.append(delivery)
         self.unsettled += 1
@@ -82,6 +115,7 @@ class ResultWriter:
 
     def retry(self, delivery: Delivery, record: Task, envelope: Envelope) -> None:
         """Store the retry record, then swap the delivery for the next attempt's message."""
+        self._started.pop(record.uuid, None)
         self._saves[record.uuid] = record
         self._requeues.append((delivery, envelope))
         self.unsettled += 1
@@ -158,6 +192,9 @@ class ResultWriter:
 
     async def close(self, give_up_after: float) -> None:
         """Flush what is left and stop."""
+        if self._started_timer is not None:
+            self._started_timer.cancel()
+            self._started_timer = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -181,7 +218,7 @@ class Worker:
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._busy: dict[asyncio.Task[Any], Delivery] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: TaskThreadPool | None = None
         self._writer: ResultWriter | None = None
 
     @property
@@ -210,9 +247,7 @@ class Worker:
         )
         self._seq = itertools.count()
         self._room = asyncio.Event()
-        self._pool = ThreadPoolExecutor(
-            max_workers=config.max_threads or self._concurrency, thread_name_prefix="qtasks-task"
-        )
+        self._pool = TaskThreadPool(config.max_threads or self._concurrency)
         # Finished deliveries stay claimed until the writer settles them: they count
         # against the prefetch bound, so a slow storage slows fetching down.
         self._writer = ResultWriter(app, on_settled=self._room.set)
@@ -324,7 +359,7 @@ class Worker:
             return
         started = time.time()
         record = _record(message, TaskStatusEnum.PROCESS, started)
-        self.writer.save(record)
+        self.writer.started(record)
         executor_cls = definition.executor or app.executor_class
         executor = executor_cls(definition, message, app, self._pool)
         outcome = await executor.run()
@@ -451,7 +486,7 @@ class Worker:
         if self._pool is not None:
             # Threads of sync tasks that outlived the grace period cannot be killed; do not
             # wait for them, the process exit ends them.
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
         log.info("worker %s stopped after %d tasks", self.id, self.processed)
         self._app = None
 
