@@ -10,7 +10,7 @@ def add(x: int, y: int) -> int:
 add.add_task(1, 2, timeout=10).returning  # 3, once a worker runs: qtasks -A module:app run
 """
 
-from qtasks.app import AsyncQueueTasks
+from qtasks.app import AsyncQueueTasks, TaskCall
 from qtasks.config import QueueConfig
 from qtasks.context import TaskContext
 from qtasks.errors import (
@@ -19,16 +19,21 @@ from qtasks.errors import (
     ConfigurationError,
     DecodeError,
     EncodeError,
+    PluginError,
     QTasksError,
     Retry,
+    StateLockTimeout,
+    StateNotSupported,
     StorageError,
     TaskAlreadyRegistered,
+    TaskPluginTriggerError,
     TaskTimeout,
     UnknownTask,
     WaitTimeout,
 )
 from qtasks.message import Task, TaskMessage, TaskStatusEnum
 from qtasks.middlewares import TaskMiddleware
+from qtasks.plugins.depends import Depends
 from qtasks.retry import Backoff
 from qtasks.runtime.executor import TaskExecutor
 from qtasks.sync import QueueTasks, SyncTask
@@ -43,19 +48,25 @@ __all__ = [
     "Cancel",
     "ConfigurationError",
     "DecodeError",
+    "Depends",
     "EncodeError",
+    "PluginError",
     "QTasksError",
     "QueueConfig",
     "QueueTasks",
     "Retry",
+    "StateLockTimeout",
+    "StateNotSupported",
     "StorageError",
     "SyncTask",
     "Task",
     "TaskAlreadyRegistered",
+    "TaskCall",
     "TaskContext",
     "TaskExecutor",
     "TaskMessage",
     "TaskMiddleware",
+    "TaskPluginTriggerError",
     "TaskStatusEnum",
     "TaskTimeout",
     "UnknownTask",

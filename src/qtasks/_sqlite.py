@@ -110,6 +110,22 @@ CREATE TABLE IF NOT EXISTS qtasks_workers (
     heartbeat REAL NOT NULL,
     PRIMARY KEY (ns, id)
 );
+-- State (qtasks.plugins.AsyncState): one row per key of each named state.
+CREATE TABLE IF NOT EXISTS qtasks_state (
+    ns TEXT NOT NULL,
+    name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ns, name, key)
+);
+CREATE TABLE IF NOT EXISTS qtasks_state_locks (
+    ns TEXT NOT NULL,
+    name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    token TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (ns, name, key)
+);
 """
 
 

@@ -8,9 +8,11 @@ them, and `serve()` runs a worker until SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -25,10 +27,41 @@ from qtasks.errors import ConfigurationError, TaskAlreadyRegistered, WaitTimeout
 from qtasks.interfaces import Broker, GlobalConfig, Storage
 from qtasks.message import Envelope, Task, TaskMessage, new_uuid, record_for
 from qtasks.middlewares import TaskMiddleware, as_middleware
+from qtasks.plugins.base import (
+    BasePlugin,
+    PluginRegistry,
+    entry_for,
+    start_plugins,
+    stop_plugins,
+)
+from qtasks.plugins.depends import DependencyScope, Scope
+from qtasks.plugins.triggers import (
+    BROKER_ADD_AFTER,
+    BROKER_ADD_BEFORE,
+    BROKER_START,
+    BROKER_STOP,
+    GLOBAL_CONFIG_START,
+    GLOBAL_CONFIG_STOP,
+    QTASKS_ADD_TASK_AFTER_BROKER,
+    QTASKS_ADD_TASK_BEFORE_BROKER,
+    QTASKS_GET,
+    QTASKS_START,
+    QTASKS_STOP,
+    STORAGE_ADD,
+    STORAGE_START,
+    STORAGE_STOP,
+)
+from qtasks.plugins.validation import plain_models
 from qtasks.retry import BackoffPolicy
 from qtasks.runtime.executor import TaskExecutor
 from qtasks.serializers import JsonSerializer, Serializer
-from qtasks.task import ADD_TASK_OPTIONS, AsyncTask, TaskDefinition, build_definition
+from qtasks.task import (
+    ADD_TASK_OPTIONS,
+    AsyncTask,
+    TaskDefinition,
+    build_definition,
+    caller_locals,
+)
 from qtasks.urls import backend_for, redact_url
 
 if TYPE_CHECKING:
@@ -41,6 +74,33 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskCall:
+    """One task for `add_tasks`: its name, arguments and the options `add_task` takes."""
+
+    task_name: str
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    priority: int | None = None
+    delay: float | None = None
+    eta: datetime | float | None = None
+    queue: str | None = None
+    headers: dict[str, str] | None = None
+
+    @classmethod
+    def of(cls, call: TaskCall | Sequence[Any]) -> TaskCall:
+        """A TaskCall from itself or a tuple `(name[, args[, kwargs[, options]]])`."""
+        if isinstance(call, TaskCall):
+            return call
+        if isinstance(call, str) or not 1 <= len(call) <= 4:
+            raise TypeError(
+                f"add_tasks takes TaskCall objects or (task_name, args, kwargs, options) "
+                f"tuples, got {call!r:.80}"
+            )
+        name, args, kwargs, options = (*call, (), {}, {})[:4]
+        return cls(name, tuple(args), dict(kwargs or {}), **dict(options or {}))
 
 
 class AsyncQueueTasks:
@@ -69,6 +129,16 @@ class AsyncQueueTasks:
         self.executor_class = executor
         self.tasks: dict[str, TaskDefinition] = {}
         self.middlewares: list[TaskMiddleware] = []
+        self.plugins = PluginRegistry()
+        """Trigger name -> plugins listening (see `add_plugin` and qtasks.plugins.triggers)."""
+        self.dependency_overrides: dict[Callable[..., Any], Callable[..., Any]] = {}
+        """Dependency -> replacement, applied when a task next resolves it (for tests)."""
+        self.dependency_scopes = {
+            scope: DependencyScope(scope, owner=f"app {name!r}")
+            for scope in (Scope.BROKER, Scope.STORAGE, Scope.GLOBAL_CONFIG, Scope.WORKER)
+        }
+        """Values of the component scopes (and of `worker` for executors run without one)."""
+        self._task_plugins: dict[str, tuple[int, TaskDefinition, PluginRegistry]] = {}
         self.broker_url = url_from_env(broker_url, BROKER_URL_ENV)
         if self.broker_url is None and broker is None:
             self.broker_url = DEFAULT_SQLITE_URL
@@ -91,9 +161,11 @@ class AsyncQueueTasks:
             raise ConfigurationError(f"no URL to build the {part} from")
         factory = getattr(backend_for(url), part)
         if factory is None:
+            # Brokers such as amqp:// and kafka:// keep no results: say what to pair them with.
             raise ConfigurationError(
-                f"{redact_url(url)} provides no {part}; pass {part}=... or a "
-                f"{part}_url that does (for example storage_url='sqlite:///qtasks.sqlite3')"
+                f"{redact_url(url)} provides no {part} (it keeps no task results); pass "
+                f"storage_url='redis://localhost:6379/0' or storage_url='sqlite:///qtasks.sqlite3'"
+                f" (the global config follows it), or {part}=..."
             )
         return factory(url, self.name, self.config)
 
@@ -165,6 +237,7 @@ class AsyncQueueTasks:
         executor: type[TaskExecutor] | None = None,
         middlewares_before: Sequence[TaskMiddleware | type[TaskMiddleware]] = (),
         middlewares_after: Sequence[TaskMiddleware | type[TaskMiddleware]] = (),
+        plugins: Sequence[BasePlugin | tuple[BasePlugin, Sequence[str]]] = (),
         **metadata: Any,
     ) -> Callable[[Callable[P, R]], AsyncTask[P, R]]: ...
 
@@ -173,25 +246,32 @@ class AsyncQueueTasks:
 
         Options: name, priority (lower runs first), queue, retry, retry_on_exc,
         retry_backoff, max_time, echo, decode, tags, description, generate_handler,
-        executor, middlewares_before, middlewares_after; other keywords are kept as
+        executor, middlewares_before, middlewares_after, plugins (this task's own
+        plugins: `plugin` or `(plugin, ["trigger", ...])`); other keywords are kept as
         metadata.
         """
+        localns = caller_locals()
 
         def register(f: Callable[..., Any]) -> AsyncTask[Any, Any]:
-            return AsyncTask(self, self.register(f, **options))
+            return AsyncTask(self, self.register(f, localns=localns, **options))
 
         return register(func) if func is not None else register
 
-    def register(self, func: Callable[..., Any], **options: Any) -> TaskDefinition:
-        """Add a task definition (what `@app.task` does) and return it."""
+    def register(
+        self, func: Callable[..., Any], /, *, localns: dict[str, Any] | None = None, **options: Any
+    ) -> TaskDefinition:
+        """Add a task definition (what `@app.task` does) and return it.
+
+        `localns`: names to resolve string annotations with (the decorating code's locals).
+        """
         known = {
             "name", "priority", "queue", "retry", "retry_on_exc", "retry_backoff", "max_time",
             "echo", "decode", "tags", "description", "generate_handler", "executor",
-            "middlewares_before", "middlewares_after",
+            "middlewares_before", "middlewares_after", "plugins",
         }  # fmt: skip
         metadata = {k: v for k, v in options.items() if k not in known}
         kwargs = {k: v for k, v in options.items() if k in known}
-        definition = build_definition(func, metadata=metadata, **kwargs)
+        definition = build_definition(func, metadata=metadata, localns=localns, **kwargs)
         if definition.name in self.tasks:
             raise TaskAlreadyRegistered(definition.name)
         self.tasks[definition.name] = definition
@@ -200,6 +280,32 @@ class AsyncQueueTasks:
     def add_middleware(self, middleware: TaskMiddleware | type[TaskMiddleware]) -> None:
         """Run a middleware around every task of this app."""
         self.middlewares.append(as_middleware(middleware))
+
+    def add_plugin(
+        self,
+        plugin: BasePlugin,
+        trigger_names: Sequence[str] | None = None,
+        component: str | None = None,
+    ) -> None:
+        """Make `plugin` listen to `trigger_names` (default: the plugin's own `triggers`).
+
+        With `component` ("worker", "broker", ...), every trigger must be one that part
+        fires (the worker's include the task executor's). Plugins of `worker` and
+        `task_executor` start and stop with the worker; the others with the app. Add
+        plugins before the app starts. Unknown trigger names are a ConfigurationError.
+        """
+        self.plugins.add(entry_for(plugin, trigger_names, component))
+
+    def plugins_for(self, definition: TaskDefinition) -> PluginRegistry:
+        """The registry a task's triggers fire on: the app's plugins, then the task's own."""
+        if not definition.plugins:
+            return self.plugins
+        cached = self._task_plugins.get(definition.name)
+        if cached is not None and cached[0] == self.plugins.version and cached[1] is definition:
+            return cached[2]
+        merged = self.plugins.with_entries(definition.plugins)
+        self._task_plugins[definition.name] = (self.plugins.version, definition, merged)
+        return merged
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -213,21 +319,58 @@ class AsyncQueueTasks:
         async with self._start_lock:
             if self._started:
                 return
-            await self.global_config.start()
-            await self.storage.start()
-            await self.broker.start()
+            plugins = self.plugins
+            owned = plugins.owned_by("app")
+            await start_plugins(owned)
+            started: list[Broker | Storage | GlobalConfig] = []
+            try:
+                for part, trigger, key in (
+                    (self.global_config, GLOBAL_CONFIG_START, "global_config"),
+                    (self.storage, STORAGE_START, "storage"),
+                    (self.broker, BROKER_START, "broker"),
+                ):
+                    await part.start()
+                    started.append(part)
+                    if trigger in plugins:
+                        await plugins.fire(trigger, **{key: part})
+                if QTASKS_START in plugins:
+                    await plugins.fire(QTASKS_START, app=self)
+            except BaseException:
+                for part in reversed(started):
+                    await self._stop_part(part)
+                await stop_plugins(owned)
+                raise
             self._started = True
 
     async def stop(self) -> None:
-        """Stop the components in reverse order (idempotent)."""
+        """Stop the components in reverse order (idempotent); each closes its scope first."""
+        scopes = self.dependency_scopes
+        await scopes[Scope.WORKER].close()
         if not self._started:
+            for scope in (Scope.BROKER, Scope.STORAGE, Scope.GLOBAL_CONFIG):
+                await scopes[scope].close()
             return
         self._started = False
-        for part in (self.broker, self.storage, self.global_config):
-            try:
-                await part.stop()
-            except Exception:
-                log.exception("stopping %s failed", type(part).__name__)
+        plugins = self.plugins
+        if QTASKS_STOP in plugins:
+            await plugins.fire(QTASKS_STOP, app=self)
+        for part, trigger, key, scope in (
+            (self.broker, BROKER_STOP, "broker", Scope.BROKER),
+            (self.storage, STORAGE_STOP, "storage", Scope.STORAGE),
+            (self.global_config, GLOBAL_CONFIG_STOP, "global_config", Scope.GLOBAL_CONFIG),
+        ):
+            if trigger in plugins:
+                await plugins.fire(trigger, **{key: part})
+            await scopes[scope].close()
+            await self._stop_part(part)
+        await stop_plugins(plugins.owned_by("app"))
+
+    @staticmethod
+    async def _stop_part(part: Broker | Storage | GlobalConfig) -> None:
+        try:
+            await part.stop()
+        except Exception:
+            log.exception("stopping %s failed", type(part).__name__)
 
     async def __aenter__(self) -> AsyncQueueTasks:
         await self.start()
@@ -293,6 +436,8 @@ class AsyncQueueTasks:
                 priority = definition.priority
             else:
                 priority = self.config.default_task_priority
+        if "pydantic" in sys.modules:  # its models are sent as their JSON data
+            args, kwargs = plain_models(args, kwargs)
         return TaskMessage(
             uuid=new_uuid(),
             name=task_name,
@@ -342,8 +487,74 @@ class AsyncQueueTasks:
             return record
         return await self.storage.wait(str(message.uuid), timeout)
 
+    async def add_tasks(self, calls: Iterable[TaskCall | Sequence[Any]]) -> list[Task]:
+        """Enqueue many tasks at once and return their `new` records, in order.
+
+        Each call is a `TaskCall` or a tuple `(task_name, args, kwargs, options)` (the
+        trailing parts optional; options as in `add_task`, without `timeout`). Every call
+        is checked and encoded before anything is written, so a bad one enqueues nothing.
+        Then records and messages go to the broker in `enqueue` calls of up to 1,000 tasks
+        each, started one after another without waiting, so the broker stores one chunk
+        while the next is prepared (Redis: one script call per chunk). If one fails, the
+        others may be stored: the error is raised once all have returned. With plugins on
+        the add_task triggers, each task goes through them one by one, as with `add_task`.
+        """
+        messages = []
+        for call in calls:
+            c = TaskCall.of(call)
+            messages.append(
+                self.build_message(
+                    c.task_name,
+                    c.args,
+                    dict(c.kwargs),
+                    priority=c.priority,
+                    delay=c.delay,
+                    eta=c.eta,
+                    queue=c.queue,
+                    headers=c.headers,
+                )
+            )
+        plugins = self.plugins
+        if plugins and any(t in plugins for t in _ADD_TRIGGERS):
+            return [await self.send(m) for m in messages]
+        encode = self.serializer.encode
+        envelopes = [
+            Envelope(str(m.uuid), m.queue, m.priority, m.eta, m.created_at, encode(m))
+            for m in messages
+        ]
+        records = [record_for(m) for m in messages]
+        if not self._started:
+            await self.start()
+        step = _ADD_TASKS_CHUNK
+        if len(records) <= step:
+            if records:
+                await self.broker.enqueue(self.storage, records, envelopes)
+            return records
+        writes = []
+        for i in range(0, len(records), step):
+            chunk = self.broker.enqueue(
+                self.storage, records[i : i + step], envelopes[i : i + step]
+            )
+            writes.append(asyncio.ensure_future(chunk))
+            await asyncio.sleep(0)  # let it send before the next chunk is prepared
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return records
+
     async def send(self, message: TaskMessage) -> Task:
-        """Record and publish a built message; on a publish failure the record is removed."""
+        """Record and publish a built message; on a publish failure the record is removed.
+
+        Fires the add_task triggers (qtasks_add_task_*, storage_add, broker_add_*).
+        """
+        plugins = self.plugins
+        if plugins and QTASKS_ADD_TASK_BEFORE_BROKER in plugins:
+            if not self._started:
+                await self.start()
+            changes = await plugins.fire(QTASKS_ADD_TASK_BEFORE_BROKER, app=self, message=message)
+            if "message" in changes:
+                message = self._checked(changes["message"])
         body = self.serializer.encode(message)  # EncodeError before anything is written
         if not self._started:
             await self.start()
@@ -356,14 +567,53 @@ class AsyncQueueTasks:
             message.created_at,
             body,
         )
+        if plugins:
+            if STORAGE_ADD in plugins:
+                changes = await plugins.fire(
+                    STORAGE_ADD, storage=self.storage, message=message, record=record
+                )
+                record = changes.get("record", record)
+            if BROKER_ADD_BEFORE in plugins:
+                changes = await plugins.fire(
+                    BROKER_ADD_BEFORE, broker=self.broker, message=message, envelope=envelope
+                )
+                envelope = changes.get("envelope", envelope)
         await self.broker.enqueue(self.storage, [record], [envelope])
+        if plugins:
+            if BROKER_ADD_AFTER in plugins:
+                await plugins.fire(
+                    BROKER_ADD_AFTER, broker=self.broker, message=message, envelope=envelope
+                )
+            if QTASKS_ADD_TASK_AFTER_BROKER in plugins:
+                changes = await plugins.fire(
+                    QTASKS_ADD_TASK_AFTER_BROKER, app=self, message=message, record=record
+                )
+                record = changes.get("record", record)
         return record
+
+    def _checked(self, message: TaskMessage) -> TaskMessage:
+        """A message a plugin put in place of the built one: its arguments must still fit."""
+        definition = self.tasks.get(message.name)
+        if definition is not None:
+            try:
+                definition.bind(message.args, message.kwargs)
+            except TypeError as exc:
+                raise TypeError(
+                    f"task {message.name!r}{definition.signature}: a plugin's message: {exc}; "
+                    f"nothing was enqueued"
+                ) from None
+        return message
 
     async def get(self, uuid: Any) -> Task | None:
         """The task's record, or None if unknown or expired."""
         if not self._started:
             await self.start()
-        return await self.storage.get(str(uuid))
+        record = await self.storage.get(str(uuid))
+        plugins = self.plugins
+        if plugins and QTASKS_GET in plugins:
+            changes = await plugins.fire(QTASKS_GET, app=self, uuid=str(uuid), record=record)
+            record = changes.get("record", record)
+        return record
 
     async def wait(self, uuid: Any, timeout: float) -> Task:
         """The task's final record; WaitTimeout (carrying the uuid) if it takes longer."""
@@ -381,4 +631,13 @@ class AsyncQueueTasks:
         )
 
 
-__all__ = ["ADD_TASK_OPTIONS", "AsyncQueueTasks"]
+_ADD_TASKS_CHUNK = 1000
+_ADD_TRIGGERS = (
+    QTASKS_ADD_TASK_BEFORE_BROKER,
+    STORAGE_ADD,
+    BROKER_ADD_BEFORE,
+    BROKER_ADD_AFTER,
+    QTASKS_ADD_TASK_AFTER_BROKER,
+)
+
+__all__ = ["ADD_TASK_OPTIONS", "AsyncQueueTasks", "TaskCall"]

@@ -2,17 +2,21 @@
 
     QTasksError
     ├── ConfigurationError        bad URL, unknown scheme, missing extra, bad -A value
-    │   └── TaskAlreadyRegistered two tasks with one name
+    │   ├── TaskAlreadyRegistered two tasks with one name
+    │   └── StateNotSupported     the storage keeps no State
     ├── BrokerError               a broker could not publish, fetch or ack
     ├── StorageError              a storage could not read or write a record
     ├── EncodeError               arguments or a result cannot be encoded (nothing written)
     ├── DecodeError               a message on the wire cannot be decoded
     ├── UnknownTask               no task is registered under that name
     ├── TaskTimeout               a task ran longer than its max_time
-    └── WaitTimeout               app.wait() gave up before the task finished
+    ├── WaitTimeout               app.wait() gave up before the task finished
+    ├── StateLockTimeout          a State lock was not acquired in time
+    └── PluginError               a plugin raised, or returned a replacement of the wrong shape
 
-Control flow that task code raises stands apart: `Retry` asks for another attempt and
-`Cancel` ends the task with status `cancel`.
+Control flow that task code raises stands apart: `Retry` asks for another attempt,
+`Cancel` ends the task with status `cancel`, and `TaskPluginTriggerError` hands the task
+over to the plugins listening to `task_executor_run_task_trigger_error`.
 """
 
 from __future__ import annotations
@@ -79,6 +83,42 @@ class WaitTimeout(QTasksError, TimeoutError):  # noqa: N818 - names users know f
         self.timeout = timeout
 
 
+class StateNotSupported(ConfigurationError, NotImplementedError):  # noqa: N818
+    """The app's storage keeps no State (its State methods are not implemented)."""
+
+    def __init__(self, storage: object) -> None:
+        name = type(storage).__name__
+        super().__init__(
+            f"{name} keeps no State; use a storage that does (memory://, sqlite:///..., "
+            f"redis://...) or implement the state_* methods of qtasks.interfaces.Storage"
+        )
+        self.storage = name
+
+
+class StateLockTimeout(QTasksError, TimeoutError):  # noqa: N818 - reads as what happened
+    """A State lock could not be acquired within `wait_seconds`."""
+
+    def __init__(self, state: str, key: str, wait_seconds: float) -> None:
+        super().__init__(f"lock {key!r} of state {state!r} not acquired within {wait_seconds}s")
+        self.state = state
+        self.key = key
+        self.wait_seconds = wait_seconds
+
+
+class PluginError(QTasksError):
+    """A plugin failed in a trigger (or returned a replacement of the wrong shape).
+
+    The message names the plugin and the trigger; the plugin's own exception is the
+    `__cause__`. Raised inside a task it fails that task, never the worker.
+    """
+
+    def __init__(self, plugin: str, trigger: str, reason: str) -> None:
+        super().__init__(f"plugin {plugin!r} failed in trigger {trigger!r}: {reason}")
+        self.plugin = plugin
+        self.trigger = trigger
+        self.reason = reason
+
+
 class Retry(Exception):  # noqa: N818 - a control-flow signal, named for what the user asks
     """Raise inside a task to ask for another attempt, optionally after `delay` seconds."""
 
@@ -93,3 +133,16 @@ class Cancel(Exception):  # noqa: N818 - a control-flow signal, named for what t
     def __init__(self, reason: str = "") -> None:
         super().__init__(reason or "cancelled")
         self.reason = reason or "cancelled"
+
+
+class TaskPluginTriggerError(Exception):
+    """Raise inside a task (or call `ctx.plugin_error(...)`) to hand it over to plugins.
+
+    Plugins listening to `task_executor_run_task_trigger_error` receive it as `error`; one
+    that returns `{"result": value}` makes the task succeed with that value. When none
+    does, the task fails with this error. Keyword arguments are kept in `kwargs`.
+    """
+
+    def __init__(self, message: str = "", **kwargs: object) -> None:
+        super().__init__(message or "plugin trigger requested")
+        self.kwargs = kwargs

@@ -11,9 +11,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qtasks.errors import StateNotSupported
 from qtasks.message import Envelope, Task
 
 
@@ -115,6 +116,52 @@ class Storage(abc.ABC):
 
     async def remove(self, uuids: Sequence[str]) -> None:
         """Delete records (used when a publish failed after the record was added)."""
+
+    # -- State (qtasks.plugins.AsyncState): named key/value maps shared by every process --
+    #
+    # A state is addressed by `name` (the State class's name) within the app's namespace;
+    # values are JSON data. Storages that keep no state inherit these defaults, which
+    # raise StateNotSupported. Each method is ONE atomic step on the backend (one SQL
+    # transaction, one Redis command or script): the whole step happens or none of it,
+    # and no other process sees it half done.
+
+    async def state_get(self, name: str, key: str, default: Any = None) -> Any:
+        """The value under `key` of state `name`, or `default`."""
+        raise StateNotSupported(self)
+
+    async def state_get_all(self, name: str) -> dict[str, Any]:
+        """Every key and value of state `name` (a consistent snapshot)."""
+        raise StateNotSupported(self)
+
+    async def state_update(self, name: str, values: Mapping[str, Any]) -> None:
+        """Set several keys at once: all are written or none (EncodeError if one is not JSON)."""
+        raise StateNotSupported(self)
+
+    async def state_delete(self, name: str, keys: Sequence[str] | None = None) -> None:
+        """Delete `keys` (every key of the state when None) in one step."""
+        raise StateNotSupported(self)
+
+    async def state_incr(self, name: str, key: str, amount: int | float = 1) -> int | float:
+        """Add `amount` to the number under `key` (missing counts as 0); the new value.
+
+        Read, add and write are one atomic step: concurrent calls from any number of
+        processes never lose an increment. TypeError if the value is not a number.
+        """
+        raise StateNotSupported(self)
+
+    async def state_acquire_lock(
+        self, name: str, key: str, token: str, expire_seconds: float
+    ) -> bool:
+        """Take lock `key` of state `name` for `token` if it is free or expired; True if taken.
+
+        Test-and-set in one atomic step, so two callers never both get True. The lock
+        frees itself `expire_seconds` after it was taken (its holder may have died).
+        """
+        raise StateNotSupported(self)
+
+    async def state_release_lock(self, name: str, key: str, token: str) -> bool:
+        """Free lock `key` if `token` still holds it (atomic compare-and-delete); True if freed."""
+        raise StateNotSupported(self)
 
 
 class GlobalConfig(abc.ABC):

@@ -31,7 +31,7 @@ class JsonSerializer(Serializer):
     content_type = "application/json"
 
     def __init__(self) -> None:
-        self._encoder = msgspec.json.Encoder()
+        self._encoder = msgspec.json.Encoder(enc_hook=encode_extra)
         self._decoder = msgspec.json.Decoder(TaskMessage)
 
     def encode(self, message: TaskMessage) -> bytes:
@@ -51,10 +51,22 @@ class JsonSerializer(Serializer):
             raise DecodeError(f"undecodable task message: {exc}") from exc
 
 
+def encode_extra(value: Any) -> Any:
+    """Plain data for what msgspec cannot encode itself: pydantic models (`model_dump`)."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, type):
+        return dump(mode="json")
+    raise TypeError(f"Encoding objects of type {type(value).__name__} is unsupported")
+
+
 def to_builtins(value: Any) -> Any:
     """A result as plain JSON-compatible data; EncodeError if it has no such form."""
     try:
         return msgspec.to_builtins(value)
+    except (TypeError, msgspec.EncodeError):
+        pass  # maybe a pydantic model; enc_hook= costs every call, so only on this path
+    try:
+        return msgspec.to_builtins(value, enc_hook=encode_extra)
     except (TypeError, msgspec.EncodeError) as exc:
         raise EncodeError(
             f"the task's result cannot be stored: {exc}; return plain data or set "

@@ -10,19 +10,20 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from qtasks.app import AsyncQueueTasks
+from qtasks.app import AsyncQueueTasks, TaskCall
 from qtasks.config import QueueConfig
 from qtasks.message import Task
-from qtasks.task import AsyncTask, TaskDefinition
+from qtasks.task import AsyncTask, TaskDefinition, caller_locals
 
 if TYPE_CHECKING:
     from qtasks.interfaces import Broker, GlobalConfig, Storage
     from qtasks.middlewares import TaskMiddleware
+    from qtasks.plugins.base import BasePlugin
     from qtasks.runtime.executor import TaskExecutor
     from qtasks.runtime.starter import Starter
     from qtasks.runtime.worker import Worker
@@ -180,6 +181,11 @@ class QueueTasks:
     storage = property(lambda self: self.core.storage, doc="The storage.")
     global_config = property(lambda self: self.core.global_config, doc="The global config.")
     tasks = property(lambda self: self.core.tasks, doc="Registered task definitions by name.")
+    plugins = property(lambda self: self.core.plugins, doc="Trigger name -> listening plugins.")
+    dependency_overrides = property(
+        lambda self: self.core.dependency_overrides,
+        doc="Dependency -> replacement, applied when a task next resolves it (for tests).",
+    )
 
     @overload
     def task(self, func: Callable[P, R], /) -> SyncTask[P, R]: ...
@@ -191,9 +197,11 @@ class QueueTasks:
 
     def task(self, func: Callable[..., Any] | None = None, /, **options: Any) -> Any:
         """Register a function as a task; options as on the async app."""
+        localns = caller_locals()
 
         def register(f: Callable[..., Any]) -> SyncTask[Any, Any]:
-            return SyncTask(self, AsyncTask(self.core, self.core.register(f, **options)))
+            definition = self.core.register(f, localns=localns, **options)
+            return SyncTask(self, AsyncTask(self.core, definition))
 
         return register(func) if func is not None else register
 
@@ -201,9 +209,22 @@ class QueueTasks:
         """Run a middleware around every task of this app."""
         self.core.add_middleware(middleware)
 
+    def add_plugin(
+        self,
+        plugin: BasePlugin,
+        trigger_names: Sequence[str] | None = None,
+        component: str | None = None,
+    ) -> None:
+        """Make `plugin` listen to triggers; see `qtasks.asyncio.QueueTasks.add_plugin`."""
+        self.core.add_plugin(plugin, trigger_names, component)
+
     def add_task(self, task_name: str, *args: Any, **kwargs: Any) -> Task | None:
         """Enqueue a task by name; see `qtasks.asyncio.QueueTasks.add_task`."""
         return self.portal.call(self.core.add_task(task_name, *args, **kwargs))
+
+    def add_tasks(self, calls: Iterable[TaskCall | Sequence[Any]]) -> list[Task]:
+        """Enqueue many tasks at once; see `qtasks.asyncio.QueueTasks.add_tasks`."""
+        return self.portal.call(self.core.add_tasks(calls))
 
     def get(self, uuid: Any) -> Task | None:
         """The task's record, or None if unknown or expired."""

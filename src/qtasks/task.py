@@ -5,16 +5,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from qtasks.message import DEFAULT_QUEUE, Task
 from qtasks.middlewares import TaskMiddleware, as_middleware
+from qtasks.plugins.base import PluginEntry, task_plugin_entries
+from qtasks.plugins.depends import CallPlan, build_call_plan
 from qtasks.retry import BackoffPolicy
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
+    from qtasks.plugins.base import BasePlugin
     from qtasks.runtime.executor import TaskExecutor
 
 P = ParamSpec("P")
@@ -39,6 +43,19 @@ class FunctionKind(enum.Enum):
     def on_loop(self) -> bool:
         """True when the function's code runs on the worker's event loop (not a thread)."""
         return self in (FunctionKind.ASYNC, FunctionKind.ASYNC_GENERATOR)
+
+
+def caller_locals(depth: int = 2) -> dict[str, Any] | None:
+    """A copy of the local names of the frame `depth` calls up (the code decorating a task).
+
+    Annotations written as strings (`from __future__ import annotations`) may name classes
+    local to that code; registration resolves them with these names.
+    """
+    try:
+        frame = sys._getframe(depth)
+    except ValueError:  # pragma: no cover - not that deep
+        return None
+    return dict(frame.f_locals)
 
 
 def function_kind(func: Callable[..., Any]) -> FunctionKind:
@@ -78,7 +95,12 @@ class TaskDefinition:
     middlewares_after: list[TaskMiddleware] = dataclasses.field(default_factory=list)
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     signature: inspect.Signature | None = None
-    """The signature arguments are bound against (without the context of echo tasks)."""
+    """The signature arguments are bound against (without the context of echo tasks and
+    without injected parameters: Depends and State)."""
+    plugins: tuple[PluginEntry, ...] = ()
+    """This task's own plugins (they run after the app's)."""
+    call_plan: CallPlan | None = None
+    """How injected and validated parameters are filled; None when there are none."""
 
     _fitting_shapes: set[tuple[int, tuple[str, ...]]] = dataclasses.field(
         default_factory=set, repr=False, compare=False
@@ -116,9 +138,15 @@ def build_definition(
     executor: type[TaskExecutor] | None = None,
     middlewares_before: Sequence[TaskMiddleware | type[TaskMiddleware]] = (),
     middlewares_after: Sequence[TaskMiddleware | type[TaskMiddleware]] = (),
+    plugins: Sequence[BasePlugin | tuple[BasePlugin, Sequence[str]]] = (),
     metadata: dict[str, Any] | None = None,
+    localns: dict[str, Any] | None = None,
 ) -> TaskDefinition:
-    """Validate options and build the definition; errors here are the user's to fix."""
+    """Validate options and build the definition; errors here are the user's to fix.
+
+    `localns` resolves string annotations naming classes local to the registering code
+    (State classes and models defined inside a function).
+    """
     if not callable(func):
         raise TypeError(f"@app.task needs a function, got {func!r}")
     task_name = name or getattr(func, "__name__", None)
@@ -140,6 +168,7 @@ def build_definition(
 
         if not (isinstance(executor, type) and issubclass(executor, TaskExecutor)):
             raise TypeError(f"task {task_name!r}: executor must be a TaskExecutor subclass")
+    signature, plan = build_call_plan(func, task_name=task_name, echo=echo, localns=localns)
     return TaskDefinition(
         name=task_name,
         func=func,
@@ -159,27 +188,10 @@ def build_definition(
         middlewares_before=[as_middleware(m) for m in middlewares_before],
         middlewares_after=[as_middleware(m) for m in middlewares_after],
         metadata=dict(metadata or {}),
-        signature=_call_signature(func, echo=echo),
+        signature=signature,
+        plugins=task_plugin_entries(plugins),
+        call_plan=plan,
     )
-
-
-def _call_signature(func: Callable[..., Any], *, echo: bool) -> inspect.Signature | None:
-    try:
-        sig = inspect.signature(func)
-    except (TypeError, ValueError):  # builtins without a signature: skip the check
-        return None
-    if echo:
-        params = list(sig.parameters.values())
-        if not params or params[0].kind not in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
-            raise TypeError(
-                f"task {getattr(func, '__name__', func)!r} has echo=True, so its first "
-                f"parameter must be positional: it receives the TaskContext"
-            )
-        sig = sig.replace(parameters=params[1:])
-    return sig
 
 
 class AsyncTask(Generic[P, R]):

@@ -74,6 +74,10 @@ for _scheme in ("redis", "rediss", "unix"):
         storage=_lazy("qtasks.storages.redis:RedisStorage", "redis"),
         global_config=_lazy("qtasks.global_configs.redis:RedisGlobalConfig", "redis"),
     )
+# Brokers only: RabbitMQ and Kafka keep no results, the app pairs them with storage_url.
+for _scheme in ("amqp", "amqps"):
+    _BUILTIN[_scheme] = Backend(broker=_lazy("qtasks.brokers.rabbitmq:RabbitMQBroker", "rabbitmq"))
+_BUILTIN["kafka"] = Backend(broker=_lazy("qtasks.brokers.kafka:KafkaBroker", "kafka"))
 
 _registered: dict[str, Backend] = {}
 _entry_points_loaded = False

@@ -40,6 +40,10 @@ class Harness:
     """Builds one backend's components; subclass it per backend."""
 
     name = "?"
+    exact_release_count = True
+    """A released message comes back with its delivery count unchanged (RabbitMQ: +1)."""
+    priority_across_queues = True
+    """One fetch from several queues hands out the best priorities of all of them."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
@@ -63,6 +67,16 @@ class Harness:
     def global_config(self, config: QueueConfig) -> GlobalConfig:
         """A new, not yet started global config."""
         raise NotImplementedError
+
+    async def kill(self, broker: Broker, config: QueueConfig) -> Broker:
+        """Drop `broker` as if its process died (no ack, release or stop) and return
+        another consumer of the same queues (not started) to take over.
+
+        This default fits brokers that live and die with their process (memory): nothing
+        of them can die apart from it, so it stops the broker and hands it back.
+        """
+        await broker.stop()
+        return broker
 
     async def cleanup(self) -> None:
         """Remove what the test left behind (e.g. flush a server database)."""
@@ -95,6 +109,20 @@ class SqliteHarness(Harness):
     def url(self) -> str:
         return f"sqlite:///{self.tmp_path / 'contract.sqlite3'}"
 
+    async def kill(self, broker: Broker, config: QueueConfig) -> Broker:
+        from qtasks._sqlite import SqliteComponent
+        from qtasks.brokers.sqlite import SqliteBroker
+
+        assert isinstance(broker, SqliteBroker)
+        # No more heartbeats and the file closed with the claims still held: the sweep
+        # frees them once worker_lost_after_seconds passed.
+        heartbeat, broker._heartbeat = broker._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
+        broker._registered = False
+        await SqliteComponent.stop(broker)
+        return self.broker(config)
+
     def broker(self, config: QueueConfig) -> Broker:
         from qtasks.brokers.sqlite import SqliteBroker
 
@@ -115,6 +143,21 @@ HARNESSES: dict[str, type[Harness]] = {"memory": MemoryHarness, "sqlite": Sqlite
 BROKER_BACKENDS: list[Any] = ["memory", "sqlite"]
 STORAGE_BACKENDS: list[Any] = ["memory", "sqlite"]
 GLOBAL_CONFIG_BACKENDS: list[Any] = ["memory", "sqlite"]
+
+# Server brokers, one module each (they import Harness from here, hence the late import).
+from .harness_kafka import KafkaHarness  # noqa: E402
+from .harness_rabbitmq import RabbitMQHarness  # noqa: E402
+
+HARNESSES["rabbitmq"] = RabbitMQHarness
+HARNESSES["kafka"] = KafkaHarness
+BROKER_BACKENDS.append(pytest.param("rabbitmq", marks=pytest.mark.rabbitmq))
+BROKER_BACKENDS.append(pytest.param("kafka", marks=pytest.mark.kafka))
+
+from .harness_redis import RedisHarness  # noqa: E402
+
+HARNESSES["redis"] = RedisHarness
+for _backends in (BROKER_BACKENDS, STORAGE_BACKENDS, GLOBAL_CONFIG_BACKENDS):
+    _backends.append(pytest.param("redis", marks=pytest.mark.redis))
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ async def test_priority_then_age(broker: Broker) -> None:
     assert [d.priority for d in got] == [-1, 0, 0, 3, 5]
 
 
-async def test_priority_across_queues(broker: Broker) -> None:
+async def test_priority_across_queues(broker: Broker, broker_harness: Harness) -> None:
     base = time.time() - 100
     await broker.publish(
         [
@@ -98,8 +98,18 @@ async def test_priority_across_queues(broker: Broker) -> None:
         ]
     )
     got = await broker.fetch(["a", "b"], 2, 1.0)
-    assert [d.body for d in got] == [b"b0", b"a0"]
-    assert [d.queue for d in got] == ["b", "a"]
+    if broker_harness.priority_across_queues:
+        assert [d.body for d in got] == [b"b0", b"a0"]
+        assert [d.queue for d in got] == ["b", "a"]
+        return
+    # Documented behaviour of the others: each queue is served in priority order, and a
+    # fetch orders what it hands out, but which queue fills a small batch is up to the
+    # server (RabbitMQ: whichever consumer it pushed to first).
+    assert len(got) == 2
+    assert [d.priority for d in got] == sorted(d.priority for d in got)
+    everything = got + await drain(broker, ["a", "b"])
+    assert sorted(d.body for d in everything) == [b"a0", b"a1", b"b0"]
+    assert [d.body for d in everything if d.queue == "a"] == [b"a0", b"a1"]
 
 
 async def test_max_count(broker: Broker) -> None:
@@ -123,14 +133,17 @@ async def test_delayed_not_before_eta(broker: Broker) -> None:
     assert [d.body for d in got] == [b"later"]
 
 
-async def test_release_gives_back_unchanged(broker: Broker, peer_broker: Broker) -> None:
+async def test_release_gives_back_unchanged(
+    broker: Broker, peer_broker: Broker, broker_harness: Harness
+) -> None:
     await broker.publish([env("r")])
     (first,) = await broker.fetch(["q"], 10, 1.0)
     assert first.delivery_count == 1
     await broker.release([first])
     (again,) = await peer_broker.fetch(["q"], 10, 1.0)
     assert again.body == b"r"
-    assert again.delivery_count == 1
+    # Documented where a broker cannot tell a release from a lost consumer (RabbitMQ).
+    assert again.delivery_count == (1 if broker_harness.exact_release_count else 2)
 
 
 async def test_requeue_replaces_body_and_eta(broker: Broker) -> None:
@@ -208,3 +221,48 @@ async def test_enqueue_stores_record_and_message(
     await broker.enqueue(storage, [record], [envelope])
     assert await storage.get(str(message.uuid)) == record
     assert [d.body for d in await broker.fetch(["q"], 10, 1.0)] == [b"enqueued"]
+
+
+async def test_messages_of_a_dead_consumer_come_back(
+    make_broker: MakeBroker, broker_harness: Harness, started: Any, qconfig: QueueConfig
+) -> None:
+    first = await make_broker()
+    await first.publish([env("d1"), env("d2"), env("d3")])
+    taken = await first.fetch(["q"], 2, 5.0)
+    assert len(taken) == 2
+    second: Broker = await started.start(await broker_harness.kill(first, qconfig))
+    bodies: list[bytes] = []
+    deadline = time.monotonic() + 30.0
+    while len(bodies) < 3 and time.monotonic() < deadline:
+        batch = await second.fetch(["q"], 10, 1.0)
+        bodies += [d.body for d in batch]
+        await second.ack(batch)
+    assert sorted(bodies) == [b"d1", b"d2", b"d3"], "nothing lost, nothing twice"
+    assert await second.fetch(["q"], 10, 0.2) == []
+
+
+async def test_arbitrary_bytes_round_trip(broker: Broker) -> None:
+    # Undecodable payloads are the worker's to record as errors; the broker only has to
+    # move them unchanged (NUL bytes, invalid UTF-8, every byte value, a larger body).
+    bodies = [b"", b"\x00\xff\xfe not utf-8 \xc3\x28", bytes(range(256)), b"x" * 200_000]
+    await broker.publish([env(b) for b in bodies])
+    got = await drain(broker, ["q"])
+    assert sorted(d.body for d in got) == sorted(bodies)
+    await broker.ack(got)
+
+
+async def test_settling_twice_is_harmless(broker: Broker) -> None:
+    # A writer that retries a batch after an error may ack or release a delivery again.
+    await broker.publish([env("once"), env("other")])
+    got = await broker.fetch(["q"], 1, 1.0)
+    await broker.ack(got)
+    await broker.ack(got)
+    other = b"other" if got[0].body == b"once" else b"once"
+    rest = await drain(broker, ["q"])
+    assert [d.body for d in rest] == [other]
+    await broker.release(rest)
+    await broker.release(rest)
+    again = await drain(broker, ["q"])
+    assert [d.body for d in again] == [other]
+    await broker.ack(again)
+    assert await broker.fetch(["q"], 10, 0.05) == []

@@ -4,14 +4,17 @@ Subclass it to change how tasks run, and pass it as `@app.task(executor=...)` or
 `QueueTasks(executor=...)`. Override `execute()` (returns the task's result) or one of
 its steps and call `super()`:
 
-    prepare_args()        bind and check the arguments, put the context first for echo tasks
+    prepare_args()        bind and check the arguments; validate annotated models; inject
+                          the context (echo tasks), Depends and State
     run_middlewares_before() / run_middlewares_after(result)
     call()                call the function: sync in the thread pool, async on the loop,
                           generators step by step through `handle_yield`
     handle_yield(value)   what a generator's yield becomes (the generate_handler's result)
 
-`run()` is the worker's entry point: it applies `max_time`, captures the error and makes
-the retry decision. It never raises except for cancellation.
+`execute()` also fires the task_executor_* triggers (see qtasks.plugins.triggers).
+`run()` is the worker's entry point: it applies `max_time`, captures the error, makes the
+retry decision and closes the task-scope dependencies. It never raises except for
+cancellation.
 """
 
 from __future__ import annotations
@@ -29,7 +32,24 @@ from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 from qtasks.context import SyncTaskContext, TaskContext, current_context
-from qtasks.errors import Cancel, EncodeError, Retry, TaskTimeout
+from qtasks.errors import (
+    Cancel,
+    EncodeError,
+    PluginError,
+    Retry,
+    TaskPluginTriggerError,
+    TaskTimeout,
+)
+from qtasks.plugins.depends import DependencyScope, Scope, build_call
+from qtasks.plugins.triggers import (
+    TASK_EXECUTOR_ARGS_REPLACE,
+    TASK_EXECUTOR_DECODE,
+    TASK_EXECUTOR_RUN_TASK,
+    TASK_EXECUTOR_RUN_TASK_GEN,
+    TASK_EXECUTOR_RUN_TASK_TRIGGER_ERROR,
+    TASK_EXECUTOR_TASK_CLOSE,
+)
+from qtasks.plugins.validation import ValidationFailed
 from qtasks.retry import Backoff, backoff_delay, should_retry
 from qtasks.runtime.threads import TaskThreadPool
 from qtasks.serializers import to_builtins
@@ -38,6 +58,7 @@ from qtasks.task import FunctionKind, TaskDefinition
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.message import TaskMessage
+    from qtasks.runtime.worker import Worker
 
 
 class ArgumentsMismatch(TypeError):  # noqa: N818 - reads as the reason recorded on the task
@@ -67,9 +88,24 @@ class Outcome:
 
 _STOP_ITERATION = object()
 
+NEVER_RETRIED: tuple[type[BaseException], ...] = (
+    ArgumentsMismatch,
+    EncodeError,
+    ValidationFailed,
+    PluginError,
+)
+"""Failures the same message would hit again: recorded as `error` at once."""
+
 
 class TaskExecutor:
     """Runs one task; replace per task with `@app.task(executor=...)`."""
+
+    worker: Worker | None = None
+    """The worker running this task (None when run directly, e.g. in tests)."""
+    error: BaseException | None = None
+    """What ended the attempt, if it did not succeed."""
+    _task_scope: DependencyScope | None = None
+    _context: TaskContext | None = None
 
     def __init__(
         self,
@@ -84,7 +120,8 @@ class TaskExecutor:
         self.thread_pool = thread_pool
         self.args: list[Any] = message.args
         self.kwargs: dict[str, Any] = message.kwargs
-        self._context: TaskContext | None = None
+        self.plugins = app.plugins_for(task) if task.plugins else app.plugins
+        """The plugins this task's triggers fire on (the app's, then the task's own)."""
 
     @property
     def context(self) -> TaskContext:
@@ -93,20 +130,36 @@ class TaskExecutor:
             # Sync functions run in a thread, where a coroutine-returning add_task would
             # be useless: they get a context whose add_task blocks instead.
             cls = TaskContext if self.task.kind.on_loop else SyncTaskContext
-            self._context = cls(self.app, self.message, self.task.metadata)
+            self._context = cls(self.app, self.message, self.task.metadata, worker=self.worker)
         return self._context
+
+    def dependency_scope(self, scope: Scope) -> DependencyScope:
+        """Where values of `scope` live: this attempt, the worker, or the app."""
+        if scope is Scope.TASK:
+            if self._task_scope is None:
+                self._task_scope = DependencyScope(
+                    Scope.TASK, owner=f"task {self.task.name} {self.message.uuid}"
+                )
+            return self._task_scope
+        if scope is Scope.WORKER and self.worker is not None:
+            return self.worker.dependency_scope
+        return self.app.dependency_scopes[scope]
 
     # -- steps a subclass may override -------------------------------------------------
 
     async def prepare_args(self) -> None:
-        """Check the arguments against the signature; put the context first for echo tasks."""
+        """Check the arguments against the signature, validate annotated models, and put
+        in the context (echo tasks), Depends and State values."""
         try:
             self.task.bind(self.args, self.kwargs)
         except TypeError as exc:
             raise ArgumentsMismatch(
                 f"arguments do not fit {self.task.name}{self.task.signature}: {exc}"
             ) from None
-        if self.task.echo:
+        plan = self.task.call_plan
+        if plan is not None:
+            self.args, self.kwargs = await build_call(plan, self, self.args, self.kwargs)
+        elif self.task.echo:
             self.args = [self.context, *self.args]
 
     async def run_middlewares_before(self) -> None:
@@ -210,48 +263,115 @@ class TaskExecutor:
     async def execute(self) -> Any:
         """Prepare, call and post-process the task; returns its result (storable data)."""
         await self.prepare_args()
+        plugins = self.plugins
+        if plugins and TASK_EXECUTOR_ARGS_REPLACE in plugins:
+            changes = await plugins.fire(
+                TASK_EXECUTOR_ARGS_REPLACE,
+                task_executor=self,
+                task=self.message,
+                args=self.args,
+                kwargs=self.kwargs,
+            )
+            self.args = changes.get("args", self.args)
+            self.kwargs = changes.get("kwargs", self.kwargs)
         if self.app.middlewares or self.task.middlewares_before:
             await self.run_middlewares_before()
-        result = await self.call()
+        try:
+            result = await self.call()
+        except TaskPluginTriggerError as exc:
+            result = await self.handle_plugin_error(exc)
+        else:
+            if plugins:
+                trigger = (
+                    TASK_EXECUTOR_RUN_TASK
+                    if self.task.kind in (FunctionKind.SYNC, FunctionKind.ASYNC)
+                    else TASK_EXECUTOR_RUN_TASK_GEN
+                )
+                if trigger in plugins:
+                    changes = await plugins.fire(
+                        trigger, task_executor=self, task=self.message, result=result
+                    )
+                    result = changes.get("result", result)
         if self.app.middlewares or self.task.middlewares_after:
             result = await self.run_middlewares_after(result)
         if self.task.decode is not None:
             result = self.task.decode(result)
+        if plugins and TASK_EXECUTOR_DECODE in plugins:
+            changes = await plugins.fire(
+                TASK_EXECUTOR_DECODE, task_executor=self, task=self.message, result=result
+            )
+            result = changes.get("result", result)
         return to_builtins(result)
+
+    async def handle_plugin_error(self, exc: TaskPluginTriggerError) -> Any:
+        """The result a plugin gave for `ctx.plugin_error(...)`; re-raises if none did."""
+        plugins = self.plugins
+        if plugins and TASK_EXECUTOR_RUN_TASK_TRIGGER_ERROR in plugins:
+            changes = await plugins.fire(
+                TASK_EXECUTOR_RUN_TASK_TRIGGER_ERROR,
+                task_executor=self,
+                task=self.message,
+                error=exc,
+                result=None,
+            )
+            if "result" in changes:
+                return changes["result"]
+        raise exc
 
     # -- the worker's entry point ------------------------------------------------------
 
     async def run(self) -> Outcome:
-        """Execute under max_time and turn the ending into an Outcome (never raises)."""
+        """Execute under max_time and turn the ending into an Outcome (never raises).
+
+        Task-scope dependencies are closed before it returns, also when the task failed
+        or this run is cancelled (the error is passed to their teardown).
+        """
         token = current_context.set(self.context) if self.task.echo else None
         try:
-            max_time = self.task.max_time
-            if max_time is None:
-                result = await self.execute()
-            else:
-                try:
-                    result = await asyncio.wait_for(self.execute(), max_time)
-                except asyncio.TimeoutError:
-                    # For sync tasks the thread keeps running until the function returns;
-                    # only the slot and the record are freed (Python cannot kill a thread).
-                    raise TaskTimeout(self.task.name, max_time) from None
-            return Outcome(OutcomeKind.SUCCESS, result=result)
-        except Cancel as exc:
-            return Outcome(OutcomeKind.CANCEL, error_type="Cancel", error_message=exc.reason)
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:
-            # sys.exit() or KeyboardInterrupt raised by task code must not end the worker:
-            # the worker's own stop comes through signals, never through these.
-            return self.failure(exc)
+            try:
+                max_time = self.task.max_time
+                if max_time is None:
+                    result = await self.execute()
+                else:
+                    try:
+                        result = await asyncio.wait_for(self.execute(), max_time)
+                    except asyncio.TimeoutError:
+                        # For sync tasks the thread keeps running until the function
+                        # returns; only the slot and the record are freed (Python cannot
+                        # kill a thread).
+                        raise TaskTimeout(self.task.name, max_time) from None
+                outcome = Outcome(OutcomeKind.SUCCESS, result=result)
+            except Cancel as exc:
+                self.error = exc
+                outcome = Outcome(OutcomeKind.CANCEL, error_type="Cancel", error_message=exc.reason)
+            except (Exception, SystemExit, KeyboardInterrupt) as exc:
+                # sys.exit() or KeyboardInterrupt raised by task code must not end the
+                # worker: the worker's own stop comes through signals, never through these.
+                self.error = exc
+                outcome = self.failure(exc)
+        except BaseException as exc:  # cancelled (worker shutdown): still close the scope
+            if self._task_scope is not None:
+                await asyncio.shield(self._task_scope.close(exc))
+            raise
         finally:
             if token is not None:
                 current_context.reset(token)
+        # Written inline, not as a nested coroutine: this is every task's path.
+        if self._task_scope is not None:
+            await self._task_scope.close(self.error)
+        plugins = self.plugins
+        if plugins and TASK_EXECUTOR_TASK_CLOSE in plugins:
+            await plugins.fire(
+                TASK_EXECUTOR_TASK_CLOSE, task_executor=self, task=self.message, outcome=outcome
+            )
+        return outcome
 
     def failure(self, exc: BaseException) -> Outcome:
-        """Retry or error, by the task's retry settings; argument errors never retry."""
+        """Retry or error, by the task's retry settings; NEVER_RETRIED errors never retry."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         kind = OutcomeKind.ERROR
         delay = 0.0
-        retriable = not isinstance(exc, (ArgumentsMismatch, EncodeError))
+        retriable = not isinstance(exc, NEVER_RETRIED)
         if retriable and should_retry(
             exc,
             attempt=self.message.attempt,

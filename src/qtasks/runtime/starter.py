@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from qtasks.plugins.triggers import STARTER_START, STARTER_STOP
+
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
     from qtasks.runtime.worker import Worker
@@ -59,6 +61,12 @@ class Starter:
             await app.start()
             try:
                 await worker.start(app)
+                if STARTER_START in app.plugins:
+                    try:
+                        await app.plugins.fire(STARTER_START, starter=self, app=app, worker=worker)
+                    except BaseException:
+                        await worker.stop(grace_seconds=0)
+                        raise
                 await self._stop.wait()
                 drain = asyncio.ensure_future(worker.stop())
                 force = asyncio.ensure_future(self._force.wait())
@@ -69,6 +77,8 @@ class Starter:
                         await drain
                     await worker.stop(grace_seconds=0)
                 force.cancel()
+                if STARTER_STOP in app.plugins:
+                    await app.plugins.fire(STARTER_STOP, starter=self, app=app, worker=worker)
             finally:
                 await app.stop()
         finally:

@@ -11,6 +11,11 @@ A fixed pool of N slot coroutines bounds concurrency exactly as a semaphore woul
 creating an asyncio task per message. The writer batches whatever finished while the
 previous write was in flight, so acks and result writes cost one round trip per batch,
 and a message is acked only after its record is stored (at-least-once).
+
+The worker fires the worker_*, broker_fetch/ack, storage_save and
+global_config_register_worker triggers, starts the plugins of the `worker` and
+`task_executor` components and the tasks' own plugins, and owns the `worker` dependency
+scope, closed when it stops.
 """
 
 from __future__ import annotations
@@ -27,10 +32,23 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from qtasks.errors import DecodeError, UnknownTask
+from qtasks.errors import DecodeError, PluginError, UnknownTask
 from qtasks.interfaces import Delivery
 from qtasks.message import DEFAULT_QUEUE, Envelope, Task, TaskMessage, TaskStatusEnum
-from qtasks.runtime.executor import Outcome, OutcomeKind
+from qtasks.plugins.base import BasePlugin, PluginRegistry, start_plugins, stop_plugins
+from qtasks.plugins.depends import DependencyScope, Scope
+from qtasks.plugins.triggers import (
+    BROKER_ACK,
+    BROKER_FETCH,
+    GLOBAL_CONFIG_REGISTER_WORKER,
+    STORAGE_SAVE,
+    WORKER_EXECUTE_AFTER,
+    WORKER_EXECUTE_BEFORE,
+    WORKER_START,
+    WORKER_STOP,
+    WORKER_TASK_ERROR_RETRY,
+)
+from qtasks.runtime.executor import Outcome, OutcomeKind, TaskExecutor
 from qtasks.runtime.threads import TaskThreadPool
 from qtasks.serializers import peek_identity
 
@@ -54,8 +72,15 @@ STARTED_RECORD_DELAY_SECONDS = 0.05
 class ResultWriter:
     """Group-commits records, then acks/requeues/releases the deliveries they finish."""
 
-    def __init__(self, app: AsyncQueueTasks, on_settled: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        app: AsyncQueueTasks,
+        on_settled: Callable[[], None] | None = None,
+        worker: Worker | None = None,
+    ) -> None:
         self.app = app
+        self.worker = worker
+        """The worker it writes for (the `worker` of its triggers)."""
         self.unsettled = 0
         """Deliveries handed over and not yet acked, requeued or released: still claimed."""
         self._on_settled = on_settled
@@ -152,9 +177,19 @@ class ResultWriter:
                 self._releases,
             )
             self._saves, self._acks, self._requeues, self._releases = {}, [], [], []
+            plugins = self.app.plugins
             try:
                 if saves:
-                    await self.app.storage.save(list(saves.values()))
+                    records = list(saves.values())
+                    if plugins and STORAGE_SAVE in plugins:
+                        changes = await plugins.fire(
+                            STORAGE_SAVE,
+                            storage=self.app.storage,
+                            worker=self.worker,
+                            records=records,
+                        )
+                        records = changes.get("records", records)
+                    await self.app.storage.save(records)
                     saves = {}
                 if requeues:
                     await self.app.broker.requeue(requeues)
@@ -163,6 +198,10 @@ class ResultWriter:
                 if acks:
                     await self.app.broker.ack(acks)
                     self._settled(len(acks))
+                    if plugins and BROKER_ACK in plugins:
+                        await plugins.fire(
+                            BROKER_ACK, broker=self.app.broker, worker=self.worker, deliveries=acks
+                        )
                     acks = []
                 if releases:
                     await self.app.broker.release(releases)
@@ -211,6 +250,9 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid_module.uuid4().hex[:8]}"
         self.started_at: float | None = None
         self.processed = 0
+        self.dependency_scope = DependencyScope(Scope.WORKER, owner=f"worker {self.id}")
+        """Values of `worker`-scope dependencies: created on first use, closed at stop."""
+        self._plugins: list[BasePlugin] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -247,10 +289,17 @@ class Worker:
         )
         self._seq = itertools.count()
         self._room = asyncio.Event()
+        plugins = app.plugins.owned_by("worker")
+        for definition in app.tasks.values():
+            for entry in definition.plugins:
+                if not any(p is entry.plugin for p in plugins):
+                    plugins.append(entry.plugin)
+        await start_plugins(plugins)
+        self._plugins = plugins
         self._pool = TaskThreadPool(config.max_threads or self._concurrency)
         # Finished deliveries stay claimed until the writer settles them: they count
         # against the prefetch bound, so a slow storage slows fetching down.
-        self._writer = ResultWriter(app, on_settled=self._room.set)
+        self._writer = ResultWriter(app, on_settled=self._room.set, worker=self)
         self._writer.start()
         self.started_at = time.time()
         self._tasks = [asyncio.ensure_future(self._fetch_loop())]
@@ -263,6 +312,12 @@ class Worker:
             self._concurrency,
             type(app.broker).__name__,
         )
+        if WORKER_START in app.plugins:
+            try:
+                await app.plugins.fire(WORKER_START, worker=self)
+            except BaseException:
+                await self.stop(grace_seconds=0)
+                raise
 
     def info(self) -> dict[str, Any]:
         """What the worker registry shows about this worker."""
@@ -280,7 +335,16 @@ class Worker:
         app = self.app
         while True:
             try:
-                await app.global_config.register_worker(self.info())
+                info = self.info()
+                if GLOBAL_CONFIG_REGISTER_WORKER in app.plugins:
+                    changes = await app.plugins.fire(
+                        GLOBAL_CONFIG_REGISTER_WORKER,
+                        global_config=app.global_config,
+                        worker=self,
+                        info=info,
+                    )
+                    info = changes.get("info", info)
+                await app.global_config.register_worker(info)
             except Exception:
                 log.warning("could not refresh the worker registry", exc_info=True)
             await asyncio.sleep(app.config.heartbeat_interval_seconds)
@@ -308,6 +372,10 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
+            if deliveries and BROKER_FETCH in self.app.plugins:
+                await self.app.plugins.fire(
+                    BROKER_FETCH, broker=broker, worker=self, deliveries=deliveries
+                )
             if self.stopping:
                 for d in deliveries:
                     self.writer.release(d)
@@ -359,11 +427,51 @@ class Worker:
             return
         started = time.time()
         record = _record(message, TaskStatusEnum.PROCESS, started)
+        plugins = app.plugins_for(definition) if definition.plugins else app.plugins
+        if plugins and WORKER_EXECUTE_BEFORE in plugins:
+            try:
+                changes = await plugins.fire(
+                    WORKER_EXECUTE_BEFORE,
+                    worker=self,
+                    message=message,
+                    definition=definition,
+                    record=record,
+                )
+            except PluginError as exc:
+                self._record_failure(delivery, message, exc)
+                return
+            record = changes.get("record", record)
         self.writer.started(record)
         executor_cls = definition.executor or app.executor_class
         executor = executor_cls(definition, message, app, self._pool)
+        executor.worker = self
         outcome = await executor.run()
+        if plugins and (WORKER_EXECUTE_AFTER in plugins or WORKER_TASK_ERROR_RETRY in plugins):
+            outcome = await self._after(plugins, executor, message, outcome)
         self._finish(delivery, message, record, outcome)
+
+    async def _after(
+        self,
+        plugins: PluginRegistry,
+        executor: TaskExecutor,
+        message: TaskMessage,
+        outcome: Outcome,
+    ) -> Outcome:
+        """Outcome after worker_execute_after (and worker_task_error_retry for retries)."""
+        definition = executor.task
+        for trigger in (WORKER_EXECUTE_AFTER, WORKER_TASK_ERROR_RETRY):
+            if trigger not in plugins:
+                continue
+            if trigger is WORKER_TASK_ERROR_RETRY and outcome.kind is not OutcomeKind.RETRY:
+                continue
+            try:
+                changes = await plugins.fire(
+                    trigger, worker=self, message=message, definition=definition, outcome=outcome
+                )
+            except PluginError as exc:
+                return executor.failure(exc)  # PluginError is never retried
+            outcome = changes.get("outcome", outcome)
+        return outcome
 
     def _finish(
         self, delivery: Delivery, message: TaskMessage, record: Task, outcome: Outcome
@@ -483,6 +591,11 @@ class Worker:
             await app.global_config.unregister_worker(self.id)
         except Exception:
             log.warning("could not unregister worker %s", self.id, exc_info=True)
+        if WORKER_STOP in app.plugins:
+            await app.plugins.fire(WORKER_STOP, worker=self)
+        await self.dependency_scope.close()
+        await stop_plugins(self._plugins)
+        self._plugins = []
         if self._pool is not None:
             # Threads of sync tasks that outlived the grace period cannot be killed; do not
             # wait for them, the process exit ends them.

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from qtasks._waiters import Waiters
 from qtasks.interfaces import Storage
 from qtasks.message import Task
+from qtasks.plugins.state import add_number, encode_value
 
 if TYPE_CHECKING:
     from qtasks.config import QueueConfig
@@ -23,6 +26,10 @@ class MemoryStorage(Storage):
         self._waiters = Waiters()
         self.result_ttl_seconds = result_ttl_seconds
         self._next_purge = 0.0
+        # State values are kept encoded, so callers never share mutable objects and only
+        # JSON data gets in, as with every other storage.
+        self._states: dict[str, dict[str, bytes]] = {}
+        self._locks: dict[tuple[str, str], tuple[str, float]] = {}
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> MemoryStorage:
@@ -68,6 +75,52 @@ class MemoryStorage(Storage):
         for uuid in uuids:
             self._records.pop(uuid, None)
             self._expires.pop(uuid, None)
+
+    # -- State: every method runs without an await, so it is atomic on the event loop ------
+
+    async def state_get(self, name: str, key: str, default: Any = None) -> Any:
+        raw = self._states.get(name, {}).get(key)
+        return default if raw is None else msgspec.json.decode(raw)
+
+    async def state_get_all(self, name: str) -> dict[str, Any]:
+        return {k: msgspec.json.decode(v) for k, v in self._states.get(name, {}).items()}
+
+    async def state_update(self, name: str, values: Mapping[str, Any]) -> None:
+        encoded = {key: encode_value(value) for key, value in values.items()}
+        self._states.setdefault(name, {}).update(encoded)
+
+    async def state_delete(self, name: str, keys: Sequence[str] | None = None) -> None:
+        if keys is None:
+            self._states.pop(name, None)
+            return
+        state = self._states.get(name, {})
+        for key in keys:
+            state.pop(key, None)
+
+    async def state_incr(self, name: str, key: str, amount: int | float = 1) -> int | float:
+        state = self._states.setdefault(name, {})
+        raw = state.get(key)
+        current = 0 if raw is None else msgspec.json.decode(raw)
+        value = add_number(name, key, current, amount)
+        state[key] = encode_value(value)
+        return value
+
+    async def state_acquire_lock(
+        self, name: str, key: str, token: str, expire_seconds: float
+    ) -> bool:
+        now = time.time()
+        held = self._locks.get((name, key))
+        if held is not None and held[1] > now:
+            return False
+        self._locks[(name, key)] = (token, now + expire_seconds)
+        return True
+
+    async def state_release_lock(self, name: str, key: str, token: str) -> bool:
+        held = self._locks.get((name, key))
+        if held is None or held[0] != token:
+            return False
+        del self._locks[(name, key)]
+        return True
 
     def __len__(self) -> int:
         return len(self._records)

@@ -12,6 +12,10 @@ Why it works this way:
   workers in other processes it re-reads with backoff up to `poll_interval_seconds`.
 * Finished records get `expires_at = finished_at + result_ttl_seconds`; `get` hides expired
   rows at once and `save` purges them in bounded chunks at most once per sweep interval.
+* State lives in `qtasks_state` (one row per key). Every State method is one job of the
+  writer thread, and each job runs inside a `BEGIN IMMEDIATE` transaction that holds the
+  file's write lock: a read-modify-write such as `state_incr` is atomic across processes.
+  Locks are rows of `qtasks_state_locks` with an owner token and an expiry time.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -29,6 +33,7 @@ from qtasks._waiters import Waiters
 from qtasks.errors import EncodeError, StorageError
 from qtasks.interfaces import Storage
 from qtasks.message import Task
+from qtasks.plugins.state import add_number, encode_value
 
 if TYPE_CHECKING:
     from qtasks.config import QueueConfig
@@ -46,6 +51,7 @@ if sqlite3.sqlite_version_info >= (3, 24, 0):
     )
 else:  # pragma: no cover - SQLite before 2018
     _UPSERT = f"INSERT OR REPLACE INTO qtasks_tasks {_COLUMNS}"
+_STATE_UPSERT = "INSERT OR REPLACE INTO qtasks_state (ns, name, key, value) VALUES (?, ?, ?, ?)"
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Task)
 
@@ -165,6 +171,113 @@ class SqliteStorage(SqliteComponent, Storage):
                 )
 
         await self._run(delete)
+
+    # -- State: each method is one job, so one transaction under the write lock -----------
+
+    async def state_get(self, name: str, key: str, default: Any = None) -> Any:
+        """The value under key of state `name`, or default."""
+        args = (self.namespace, name, key)
+
+        def read(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT value FROM qtasks_state WHERE ns = ? AND name = ? AND key = ?", args
+            ).fetchone()
+            return None if row is None else row[0]
+
+        raw = await self._run(read, write=False)
+        return default if raw is None else msgspec.json.decode(raw)
+
+    async def state_get_all(self, name: str) -> dict[str, Any]:
+        """Every key and value of state `name`."""
+        args = (self.namespace, name)
+
+        def read(conn: sqlite3.Connection) -> list[tuple[str, bytes]]:
+            return list(
+                conn.execute(
+                    "SELECT key, value FROM qtasks_state WHERE ns = ? AND name = ? ORDER BY key",
+                    args,
+                )
+            )
+
+        return {k: msgspec.json.decode(v) for k, v in await self._run(read, write=False)}
+
+    async def state_update(self, name: str, values: Mapping[str, Any]) -> None:
+        """Set several keys in one transaction."""
+        rows = [(self.namespace, name, k, encode_value(v)) for k, v in values.items()]
+        if not rows:
+            return
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(_STATE_UPSERT, rows)
+
+        await self._run(write)
+
+    async def state_delete(self, name: str, keys: Sequence[str] | None = None) -> None:
+        """Delete keys (every key when None) in one transaction."""
+        ns = self.namespace
+
+        def delete(conn: sqlite3.Connection) -> None:
+            if keys is None:
+                conn.execute("DELETE FROM qtasks_state WHERE ns = ? AND name = ?", (ns, name))
+                return
+            conn.executemany(
+                "DELETE FROM qtasks_state WHERE ns = ? AND name = ? AND key = ?",
+                [(ns, name, k) for k in keys],
+            )
+
+        await self._run(delete)
+
+    async def state_incr(self, name: str, key: str, amount: int | float = 1) -> int | float:
+        """Read, add and write in one transaction that holds the file's write lock."""
+        args = (self.namespace, name, key)
+
+        def incr(conn: sqlite3.Connection) -> int | float:
+            row = conn.execute(
+                "SELECT value FROM qtasks_state WHERE ns = ? AND name = ? AND key = ?", args
+            ).fetchone()
+            current = 0 if row is None else msgspec.json.decode(row[0])
+            value = add_number(name, key, current, amount)
+            conn.execute(_STATE_UPSERT, (*args, encode_value(value)))
+            return value
+
+        return await self._run(incr)
+
+    async def state_acquire_lock(
+        self, name: str, key: str, token: str, expire_seconds: float
+    ) -> bool:
+        """Take the lock if it is free or expired, in one transaction."""
+        args = (self.namespace, name, key)
+
+        def acquire(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            conn.execute(
+                "DELETE FROM qtasks_state_locks"
+                " WHERE ns = ? AND name = ? AND key = ? AND expires_at <= ?",
+                (*args, now),
+            )
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO qtasks_state_locks (ns, name, key, token, expires_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (*args, token, now + expire_seconds),
+            ).rowcount
+            return bool(inserted)
+
+        return await self._run(acquire)
+
+    async def state_release_lock(self, name: str, key: str, token: str) -> bool:
+        """Free the lock if `token` holds it."""
+        args = (self.namespace, name, key, token)
+
+        def release(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "DELETE FROM qtasks_state_locks"
+                    " WHERE ns = ? AND name = ? AND key = ? AND token = ?",
+                    args,
+                ).rowcount
+            )
+
+        return await self._run(release)
 
     async def purge_expired(self) -> int:
         """Delete up to 1000 expired records now (of every namespace); how many went."""

@@ -1,0 +1,988 @@
+"""The Kafka broker (`kafka://host:port[,host:port...]` URLs), on aiokafka.
+
+Kafka is a log, not a queue: a consumer group divides a topic's partitions among its
+members, and each member only moves a committed offset forward. How qtasks maps onto it:
+
+* Topics. A qtasks queue is three "band" topics `<namespace>.<queue>.b0/.b1/.b2`
+  (`partitions` partitions each, default 8: the parallelism) plus 16 delay topics
+  `<namespace>.<queue>.delay.<k>` (one partition each), created on first use. Every
+  worker of an app is a member of ONE consumer group, `qtasks.<namespace>`, so each
+  message goes to one member; members share the partitions, and Kafka moves them when
+  workers come and go.
+* Priorities (separate topics per band, weighted). Priority < 0 goes to band 0, 0 to band
+  1, > 0 to band 2 (`band_limits=(0, 1)`: where the next band starts). A fetch hands out
+  lowest priority first among what it holds, except that each lower band with work
+  waiting keeps a share of every batch by its weight (`band_weights=(4, 2, 1)`: while
+  all three bands have work, band 1 gets at least 2/7 and band 2 at least 1/7 of what
+  is handed out, accumulated across fetches), so a flood of urgent tasks cannot starve
+  the rest. Within a band, order is per partition (Kafka's), and what a fetch holds is
+  sorted by priority then age.
+* Offsets (tasks finish out of order). Each partition's offsets that were received and
+  not finished are tracked; the committed offset is the lowest unfinished one (or the
+  next to read when none is), committed after each ack batch. A worker that dies
+  therefore loses nothing: the next owner reads from there. The price: tasks that
+  finished above a lower unfinished one run again after a crash or a move of the
+  partition (at-least-once; keep tasks idempotent).
+* Rebalances. When partitions are taken away, what is safe is committed first and the
+  messages held but not started are dropped (Kafka gives them to the new owner). Tasks
+  of a revoked partition that are running finish, but their acks cannot be committed
+  any more and the new owner runs them again (documented duplicate). A partition that
+  comes straight back keeps its bookkeeping, so nothing held here is handed out twice.
+* Delays and retries (the delay topics). A message due later goes to the delay topic
+  whose wait (4**k ms) is the longest not above the remaining delay; the consumer of that
+  topic holds it until its wait is over (pausing the partition meanwhile: the topic is
+  in wait order), then sends it on to the next bucket or, once due, to its band topic,
+  and commits. `requeue` (a retry) produces the next attempt, awaits the broker's ack,
+  then finishes the old offset.
+* What Kafka cannot do, and what this broker does instead: there is no per-message
+  ack (offset tracking above); no give-back of one message to another consumer, so
+  `release` keeps the message uncommitted and hands it out again from here (after `stop`
+  the next owner of the partition reads it); no delivery counter, so a header counts
+  requeues and a crash redelivery is not counted; no native delays or priorities (both
+  above). Queue sizes are the group's lag over the queue's topics (waiting, delayed,
+  running and finished-but-not-yet-committed messages).
+* No results: pair this broker with a storage (`storage_url='redis://...'` or
+  `'sqlite:///...'`). The idempotent producer and transactions are not used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import heapq
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from aiokafka import (  # type: ignore[import-untyped]
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    TopicPartition,
+)
+from aiokafka.abc import ConsumerRebalanceListener  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
+
+from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
+from qtasks.config import QueueConfig
+from qtasks.errors import BrokerError, ConfigurationError
+from qtasks.interfaces import Broker, Delivery
+from qtasks.urls import redact_url
+
+if TYPE_CHECKING:
+    from qtasks.message import Envelope
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "QueueTasks"
+DEFAULT_PARTITIONS = 8
+DEFAULT_BAND_LIMITS = (0, 1)
+DEFAULT_BAND_WEIGHTS = (4, 2, 1)
+
+_H_QUEUE = "qtasks-queue"
+_H_PRIORITY = "qtasks-priority"
+_H_CREATED = "qtasks-created-us"
+_H_ETA = "qtasks-eta-us"
+_H_DELIVERIES = "qtasks-deliveries"
+_H_UUID = "qtasks-uuid"
+
+_TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
+_TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+_MAX_POLL_RECORDS = 500
+_POLL_MS = 500
+_SETTLE_QUIET_SECONDS = 0.01
+_ASSIGNMENT_WAIT_SECONDS = 60.0
+
+
+def _us(seconds: float) -> bytes:
+    return str(round(seconds * 1_000_000)).encode()
+
+
+def _int_header(headers: dict[str, bytes], name: str) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Topic:
+    """What a topic of this broker holds: a queue's band, or one of its delay buckets."""
+
+    queue: str
+    band: int | None
+    delay_level: int | None
+
+
+class _Partition:
+    """Bookkeeping of one partition this consumer owns: which offsets are not finished."""
+
+    def __init__(self, tp: Any) -> None:
+        self.tp = tp
+        self.open: set[int] = set()
+        self._heap: list[int] = []
+        self.done: set[int] = set()
+        """Finished offsets at or above `committed`: skipped if the partition is read again."""
+        self.next_offset: int | None = None
+        self.committed: int | None = None
+        self.lost = False
+        """Taken away by a rebalance: acks of its deliveries are no-ops."""
+
+    def hold(self, offset: int) -> None:
+        self.open.add(offset)
+        heapq.heappush(self._heap, offset)
+        if self.next_offset is None or offset >= self.next_offset:
+            self.next_offset = offset + 1
+
+    def finish(self, offset: int) -> None:
+        if offset in self.open:
+            self.open.discard(offset)
+            self.done.add(offset)
+
+    def drop(self, offset: int) -> None:
+        """Forget a held offset without finishing it: Kafka delivers it again."""
+        self.open.discard(offset)
+
+    def seen(self, offset: int) -> bool:
+        if offset in self.open or offset in self.done:
+            return True
+        return self.committed is not None and offset < self.committed
+
+    def safe(self) -> int | None:
+        """The offset to commit: the lowest unfinished one, else the next to read."""
+        while self._heap and self._heap[0] not in self.open:
+            heapq.heappop(self._heap)
+        return self._heap[0] if self._heap else self.next_offset
+
+    def committed_to(self, offset: int) -> None:
+        self.committed = offset
+        self.done = {o for o in self.done if o >= offset}
+
+
+@dataclasses.dataclass(eq=False)
+class _Receipt:
+    """What `Delivery.receipt` holds: the partition and offset of the record."""
+
+    part: _Partition
+    offset: int
+    band: int
+    handed: bool = False
+    settled: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class _Held:
+    """A delay-topic record waiting here until its bucket's wait is over."""
+
+    part: _Partition
+    offset: int
+    due: float
+    queue: str
+    eta: float
+    value: bytes
+    headers: dict[str, bytes]
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Routes aiokafka's rebalance callbacks to the broker."""
+
+    def __init__(self, broker: KafkaBroker) -> None:
+        self.broker = broker
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.broker._on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.broker._on_assigned(list(assigned))
+
+
+class KafkaBroker(Broker):
+    """The broker of `kafka://` URLs; see the module docstring."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str = "localhost:9092",
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        config: QueueConfig | None = None,
+        partitions: int = DEFAULT_PARTITIONS,
+        band_limits: Sequence[int] = DEFAULT_BAND_LIMITS,
+        band_weights: Sequence[int] = DEFAULT_BAND_WEIGHTS,
+        queues: Sequence[str] = (),
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 3_000,
+        fetch_max_wait_ms: int = 100,
+    ) -> None:
+        if not namespace or not _TOPIC_CHARS.match(namespace):
+            raise ConfigurationError(
+                f"the Kafka broker needs a namespace (the app name) made of letters, digits,"
+                f" '.', '_' and '-' (it prefixes topic names), got {namespace!r}"
+            )
+        if len(band_weights) != len(band_limits) + 1 or any(w <= 0 for w in band_weights):
+            raise ConfigurationError("band_weights needs one positive weight per band")
+        if list(band_limits) != sorted(band_limits):
+            raise ConfigurationError("band_limits must be in increasing order")
+        if partitions < 1:
+            raise ConfigurationError("partitions must be at least 1")
+        self.bootstrap_servers = bootstrap_servers
+        self.url = f"kafka://{bootstrap_servers}"
+        self.namespace = namespace
+        self.config = config or QueueConfig()
+        self.partitions = partitions
+        self.band_limits = tuple(band_limits)
+        self.band_weights = tuple(band_weights)
+        self.group_id = f"qtasks.{namespace}"
+        self.eager_queues = list(queues)
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._reset()
+
+    def _reset(self) -> None:
+        self._producer: Any = None
+        self._admin: Any = None
+        self._consumer: Any = None
+        self._offsets_consumer: Any = None
+        self._poller: asyncio.Task[None] | None = None
+        self._topics: dict[str, _Topic] = {}
+        self._created: set[str] = set()
+        self._creating: dict[str, asyncio.Task[None]] = {}
+        self._subscribed: set[str] = set()
+        self._owned: dict[Any, _Partition] = {}
+        self._limbo: dict[Any, _Partition] = {}
+        bands = len(self.band_weights)
+        self._buffers: list[collections.deque[Delivery]] = [
+            collections.deque() for _ in range(bands)
+        ]
+        self._credit = [0.0] * bands
+        self._held: dict[Any, collections.deque[_Held]] = {}
+        self._paused: set[Any] = set()
+        self._want = self.config.max_tasks_process + self.config.resolved_prefetch()
+        self._arrived = asyncio.Event()
+        self._assigned = asyncio.Event()
+        self._burst_at = 0.0
+        self._last_arrival = 0.0
+        self._commit_lock = asyncio.Lock()
+        self._subscribe_lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> KafkaBroker:
+        """Build from `kafka://host:port[,host2:port2][?partitions=8&...]`.
+
+        Query parameters: partitions, session_timeout_ms, heartbeat_interval_ms,
+        fetch_max_wait_ms, and queues (comma-separated): join the group for them at
+        start instead of at the first fetch. Only for processes that consume: a member
+        that never fetches keeps its share of the partitions waiting.
+        """
+        parts = urlsplit(url)
+        if not parts.netloc:
+            raise ConfigurationError(f"{redact_url(url)} names no Kafka server (kafka://host:port)")
+        params = dict(parse_qsl(parts.query))
+        known = {
+            "partitions",
+            "session_timeout_ms",
+            "heartbeat_interval_ms",
+            "fetch_max_wait_ms",
+            "queues",
+        }
+        unknown = set(params) - known
+        if unknown:
+            raise ConfigurationError(
+                f"unknown Kafka URL parameter(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        try:
+            numbers = {k: int(v) for k, v in params.items() if k != "queues"}
+        except ValueError as exc:
+            raise ConfigurationError(f"bad parameter in {redact_url(url)}: {exc}") from None
+        return cls(
+            parts.netloc,
+            namespace=namespace,
+            config=config,
+            queues=[q for q in params.get("queues", "").split(",") if q],
+            partitions=numbers.get("partitions", DEFAULT_PARTITIONS),
+            session_timeout_ms=numbers.get("session_timeout_ms", 10_000),
+            heartbeat_interval_ms=numbers.get("heartbeat_interval_ms", 3_000),
+            fetch_max_wait_ms=numbers.get("fetch_max_wait_ms", 100),
+        )
+
+    # -- names -------------------------------------------------------------------------
+
+    def band_of(self, priority: int) -> int:
+        """The band (0 = most urgent) of a qtasks priority."""
+        band = 0
+        for limit in self.band_limits:
+            if priority >= limit:
+                band += 1
+        return band
+
+    def band_topic(self, queue: str, band: int) -> str:
+        """The topic of one priority band of a queue."""
+        return f"{self.namespace}.{queue}.b{band}"
+
+    def delay_topic(self, queue: str, level: int) -> str:
+        """The delay topic of bucket `level` of a queue."""
+        return f"{self.namespace}.{queue}.delay.{level}"
+
+    def _queue_topics(self, queue: str) -> list[str]:
+        if not _TOPIC_CHARS.match(queue):
+            raise ConfigurationError(
+                f"queue name {queue!r} is not usable in a Kafka topic name "
+                f"(letters, digits, '.', '_' and '-')"
+            )
+        topics = [self.band_topic(queue, b) for b in range(len(self.band_weights))]
+        topics += [self.delay_topic(queue, k) for k in range(BUCKET_LEVELS)]
+        return topics
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect the producer; with `queues` given, also join the group now."""
+        if self._producer is not None:
+            return
+        self._arrived = asyncio.Event()
+        self._assigned = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._subscribe_lock = asyncio.Lock()
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap_servers,
+            acks="all",
+            enable_idempotence=False,
+            linger_ms=1,
+            client_id=f"qtasks-{self.consumer_id}",
+        )
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        try:
+            await producer.start()
+            await admin.start()
+        except KafkaError as exc:
+            await _quietly(producer.stop())
+            await _quietly(admin.close())
+            raise BrokerError(
+                f"cannot connect to Kafka at {self.bootstrap_servers}: {exc!r}"
+            ) from exc
+        self._producer, self._admin = producer, admin
+        if self.eager_queues:
+            await self._subscribe(self.eager_queues)
+            await self.wait_assigned(_ASSIGNMENT_WAIT_SECONDS)
+
+    async def wait_assigned(self, timeout: float) -> bool:
+        """Wait until this member has its partitions and knows where to read them from.
+
+        False if that took longer than `timeout` seconds (it goes on in the background).
+        """
+        waiter = asyncio.ensure_future(self._assigned.wait())
+        try:
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:
+            waiter.cancel()
+        consumer = self._consumer
+        if not self._assigned.is_set() or consumer is None:
+            return False
+        # Positions are looked up lazily, partition by partition; do it now, all at once.
+        try:
+            await asyncio.gather(*(consumer.position(tp) for tp in consumer.assignment()))
+        except KafkaError as exc:
+            log.info("looking up Kafka positions failed (%r); they follow on first fetch", exc)
+        return True
+
+    async def stop(self) -> None:
+        """Commit what is safe, leave the group (its partitions move on) and disconnect."""
+        await self._stop_consumer()
+        for client in (self._offsets_consumer, self._producer):
+            if client is not None:
+                await _quietly(client.stop())
+        if self._admin is not None:
+            await _quietly(self._admin.close())
+        self._reset()
+
+    # -- topics ------------------------------------------------------------------------
+
+    async def _ensure_topics(self, queues: Iterable[str]) -> None:
+        """Create the band and delay topics of these queues (once per process).
+
+        Concurrent callers share one creation per queue (a burst of add_task calls
+        would otherwise send one request each).
+        """
+        wanted = [q for q in dict.fromkeys(queues) if q not in self._created]
+        if not wanted:
+            return
+        tasks = []
+        for queue in wanted:
+            task = self._creating.get(queue)
+            if task is None:
+                task = asyncio.ensure_future(self._create_topics(queue))
+                self._creating[queue] = task
+                task.add_done_callback(self._created_callback(queue))
+            tasks.append(task)
+        await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+
+    def _created_callback(self, queue: str) -> Callable[[asyncio.Task[None]], None]:
+        def forget(task: asyncio.Task[None]) -> None:
+            if self._creating.get(queue) is task:
+                del self._creating[queue]
+
+        return forget
+
+    async def _create_topics(self, queue: str) -> None:
+        wanted = [queue]
+        new: list[Any] = []
+        for queue in wanted:
+            for topic in self._queue_topics(queue):
+                self._topics[topic] = self._describe(queue, topic)
+                count = 1 if self._topics[topic].delay_level is not None else self.partitions
+                new.append(NewTopic(topic, count, 1))
+        admin = self._require(self._admin)
+        try:
+            response = await admin.create_topics(new)
+        except KafkaError as exc:
+            raise BrokerError(f"creating Kafka topics failed: {exc!r}") from exc
+        for topic, code, message in (e[:3] for e in response.topic_errors):
+            if code not in (0, _TOPIC_EXISTS):
+                raise BrokerError(f"creating Kafka topic {topic!r} failed: {code} {message}")
+        self._created.update(wanted)
+
+    def _describe(self, queue: str, topic: str) -> _Topic:
+        suffix = topic[len(self.namespace) + len(queue) + 2 :]
+        if suffix.startswith("delay."):
+            return _Topic(queue, None, int(suffix[len("delay.") :]))
+        return _Topic(queue, int(suffix[1:]), None)
+
+    @staticmethod
+    def _require(client: Any) -> Any:
+        if client is None:
+            raise BrokerError("the Kafka broker is not started; await its start() first")
+        return client
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Produce every message, then await the broker's acks together."""
+        if not envelopes:
+            return
+        errors = await self._produce(
+            [(e.queue, e.priority, e.created_at, e.eta, e.body, 0, e.uuid) for e in envelopes]
+        )
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise BrokerError(
+                f"Kafka did not take {len(failed)} of {len(envelopes)} messages: {failed[0]!r}"
+            ) from failed[0]
+
+    async def _produce(
+        self, items: Sequence[tuple[str, int, float, float | None, bytes, int, str]]
+    ) -> list[BaseException | None]:
+        """Send (queue, priority, created, eta, body, deliveries, uuid) items; errors per item."""
+        producer = self._require(self._producer)
+        await self._ensure_topics(item[0] for item in items)
+        now = time.time()
+        futures: list[Any] = []
+        for queue, priority, created, eta, body, deliveries, uuid in items:
+            level = None if eta is None else bucket_for(eta - now)
+            if level is None:
+                topic = self.band_topic(queue, self.band_of(priority))
+            else:
+                topic = self.delay_topic(queue, level)
+            headers = [
+                (_H_QUEUE, queue.encode()),
+                (_H_PRIORITY, str(priority).encode()),
+                (_H_CREATED, _us(created)),
+                (_H_DELIVERIES, str(deliveries).encode()),
+                (_H_UUID, uuid.encode()),
+            ]
+            if eta is not None:
+                headers.append((_H_ETA, _us(eta)))
+            try:
+                futures.append(await producer.send(topic, value=body, headers=headers))
+            except KafkaError as exc:
+                futures.append(_failed(exc))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    # -- consuming ---------------------------------------------------------------------
+
+    async def _subscribe(self, queues: Sequence[str]) -> None:
+        """Consume these queues too; the group join runs in the background.
+
+        A new set of queues means a new consumer (aiokafka is reliable only when the
+        subscription is made before start): the old one commits what is safe and leaves,
+        and what it held comes back through the new one. Workers consume one fixed set.
+        """
+        if set(queues) <= self._subscribed:
+            return
+        async with self._subscribe_lock:
+            wanted = self._subscribed | set(queues)
+            if wanted == self._subscribed:
+                return
+            self._require(self._producer)
+            await self._ensure_topics(sorted(wanted))
+            if self._consumer is not None or self._poller is not None:
+                log.info("consuming more queues: leaving the Kafka group to join it again")
+                await self._stop_consumer()
+            topics = [t for q in sorted(wanted) for t in self._queue_topics(q)]
+            self._subscribed = wanted
+            self._assigned.clear()
+            self._poller = asyncio.ensure_future(self._consume(topics))
+
+    async def _consume(self, topics: list[str]) -> None:
+        """Start a group member for `topics` (retrying with backoff), then poll it."""
+        backoff = 0.1
+        while True:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers,
+                group_id=self.group_id,
+                client_id=f"qtasks-{self.consumer_id}",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=self.session_timeout_ms,
+                heartbeat_interval_ms=self.heartbeat_interval_ms,
+                fetch_max_wait_ms=self.fetch_max_wait_ms,
+                max_poll_records=_MAX_POLL_RECORDS,
+            )
+            consumer.subscribe(topics=topics, listener=_Listener(self))
+            self._consumer = consumer
+            try:
+                await consumer.start()  # returns once the group gave us our partitions
+            except asyncio.CancelledError:
+                await _quietly(consumer.stop())
+                self._consumer = None
+                raise
+            except Exception as exc:
+                await _quietly(consumer.stop())
+                self._consumer = None
+                log.warning("joining the Kafka group failed (%r); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            break
+        await self._poll_loop(consumer)
+
+    async def _stop_consumer(self) -> None:
+        """Stop polling, commit what is safe, leave the group and forget what was held."""
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await self._commit(list(self._owned.values()), consumer)
+        for part in self._owned.values():
+            part.lost = True
+        self._owned.clear()  # leaving: the revoke callback has nothing left to do
+        if consumer is not None:
+            await _quietly(consumer.stop())
+        for band in self._buffers:
+            band.clear()
+        self._held.clear()
+        self._paused.clear()
+        self._subscribed = set()
+
+    async def _on_revoked(self, revoked: list[Any]) -> None:
+        """Commit what is safe, then give back what was held here but not handed out."""
+        parts = [self._owned.pop(tp) for tp in revoked if tp in self._owned]
+        await self._commit(parts)
+        gone = {id(p) for p in parts}
+        for band in self._buffers:
+            keep = [d for d in band if id(d.receipt.part) not in gone]
+            for d in band:
+                if id(d.receipt.part) in gone:
+                    d.receipt.part.drop(d.receipt.offset)
+            band.clear()
+            band.extend(keep)
+        for part in parts:
+            for held in self._held.pop(part.tp, ()):
+                part.drop(held.offset)
+            part.next_offset = None  # Kafka reads again from the committed offset
+            self._paused.discard(part.tp)
+            self._limbo[part.tp] = part
+
+    def _on_assigned(self, assigned: list[Any]) -> None:
+        for tp in assigned:
+            kept = self._limbo.pop(tp, None)
+            self._owned[tp] = kept if kept is not None else _Partition(tp)
+        for part in self._limbo.values():
+            part.lost = True
+        if self._limbo:
+            log.info(
+                "%d Kafka partitions moved to other workers; their running tasks may run "
+                "again there",
+                len(self._limbo),
+            )
+        self._limbo.clear()
+        self._assigned.set()
+
+    async def _poll_loop(self, consumer: Any) -> None:
+        backoff = 0.1
+        while True:
+            self._apply_backpressure(consumer)
+            try:
+                batches = await consumer.getmany(
+                    timeout_ms=self._poll_timeout_ms(), max_records=_MAX_POLL_RECORDS
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the consumer reconnects by itself; keep polling
+                log.warning("polling Kafka failed (%r); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            arrived = 0
+            was_empty = not any(self._buffers)
+            for tp, records in batches.items():
+                part = self._owned.get(tp)
+                topic = self._topics.get(tp.topic)
+                if part is None or topic is None:
+                    continue
+                for record in records:
+                    if part.seen(record.offset):
+                        continue
+                    part.hold(record.offset)
+                    arrived += self._take_in(part, topic, record)
+            await self._forward_due()
+            if arrived:
+                now = asyncio.get_running_loop().time()
+                if was_empty:
+                    self._burst_at = now
+                self._last_arrival = now
+                self._arrived.set()
+
+    def _take_in(self, part: _Partition, topic: _Topic, record: Any) -> int:
+        headers = {k: bytes(v) for k, v in (record.headers or ())}
+        if topic.delay_level is not None:
+            eta = _int_header(headers, _H_ETA)
+            due = record.timestamp / 1000 + bucket_wait_ms(topic.delay_level) / 1000
+            held = _Held(
+                part,
+                record.offset,
+                due,
+                topic.queue,
+                eta / 1_000_000 if eta is not None else 0.0,
+                bytes(record.value or b""),
+                headers,
+            )
+            self._held.setdefault(part.tp, collections.deque()).append(held)
+            return 0
+        band = topic.band or 0
+        priority = _int_header(headers, _H_PRIORITY)
+        created = _int_header(headers, _H_CREATED)
+        before = _int_header(headers, _H_DELIVERIES) or 0
+        delivery = Delivery(
+            bytes(record.value or b""),
+            _Receipt(part, record.offset, band),
+            topic.queue,
+            priority if priority is not None else 0,
+            created / 1_000_000 if created is not None else record.timestamp / 1000,
+            before + 1,
+        )
+        self._buffers[band].append(delivery)
+        return 1
+
+    def _poll_timeout_ms(self) -> int:
+        timeout = _POLL_MS
+        now = time.time()
+        for queue in self._held.values():
+            if queue:
+                timeout = min(timeout, max(0, int((queue[0].due - now) * 1000) + 1))
+        return timeout
+
+    def _apply_backpressure(self, consumer: Any) -> None:
+        """Pause band partitions whose band holds enough, and delay partitions not due."""
+        assignment = set(consumer.assignment())
+        pause: set[Any] = set()
+        for tp in assignment:
+            topic = self._topics.get(tp.topic)
+            if topic is None:
+                continue
+            if topic.band is not None and len(self._buffers[topic.band]) >= self._want:
+                pause.add(tp)
+            elif topic.delay_level is not None and self._held.get(tp):
+                pause.add(tp)  # the head is not due yet, and nothing behind it is due sooner
+        if pause != self._paused:
+            if self._paused - pause:
+                consumer.resume(*(self._paused - pause))
+            if pause - self._paused:
+                consumer.pause(*(pause - self._paused))
+            self._paused = pause
+
+    async def _forward_due(self) -> None:
+        """Send delayed messages whose bucket wait is over on to their next hop."""
+        now = time.time()
+        due: list[_Held] = []
+        for queue in self._held.values():
+            while queue and queue[0].due <= now:
+                due.append(queue.popleft())
+        if not due:
+            return
+        items = []
+        for held in due:
+            h = held.headers
+            created = _int_header(h, _H_CREATED)
+            items.append(
+                (
+                    held.queue,
+                    _int_header(h, _H_PRIORITY) or 0,
+                    created / 1_000_000 if created is not None else now,
+                    held.eta,
+                    held.value,
+                    _int_header(h, _H_DELIVERIES) or 0,
+                    h.get(_H_UUID, b"").decode(errors="replace"),
+                )
+            )
+        errors = await self._produce(items)
+        parts: dict[int, _Partition] = {}
+        for held, error in zip(due, errors, strict=True):
+            if error is None:
+                held.part.finish(held.offset)
+                parts[id(held.part)] = held.part
+            else:
+                # Keep it at the head: the next poll tries again.
+                log.warning("moving a delayed Kafka message on failed: %r", error)
+                self._held.setdefault(held.part.tp, collections.deque()).appendleft(held)
+        await self._commit(list(parts.values()))
+
+    async def fetch(self, queues: Sequence[str], max_count: int, timeout: float) -> list[Delivery]:
+        """Hand out up to max_count held messages, waiting for the poller up to timeout."""
+        names = set(queues)
+        if max_count <= 0:
+            return []
+        if not names:
+            await asyncio.sleep(max(timeout, 0.0))
+            return []
+        await self._subscribe(sorted(names))
+        self._want = max(self._want, max_count)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        while True:
+            if any(d.queue in names for band in self._buffers for d in band):
+                await self._settle()
+                return self._pick(names, max_count)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            self._arrived.clear()
+            waiter = asyncio.ensure_future(self._arrived.wait())
+            try:
+                await asyncio.wait((waiter,), timeout=remaining)
+            finally:
+                waiter.cancel()
+
+    async def _settle(self) -> None:
+        """Let a burst that began on an empty buffer end before choosing from it.
+
+        After an idle spell the records of several partitions (bands) come in separate
+        fetch responses, up to one fetch wait apart on servers that answer only when it
+        is over. So right after the first of them, wait for a quiet spell (at most four
+        of them) and choose among all. A busy worker, whose buffer is never empty, does
+        not wait.
+        """
+        quiet = 2 * min(self.fetch_max_wait_ms, 50) / 1000 + _SETTLE_QUIET_SECONDS
+        loop = asyncio.get_running_loop()
+        end = self._burst_at + 4 * quiet
+        while True:
+            now = loop.time()
+            until = min(max(self._burst_at, self._last_arrival) + quiet, end)
+            if now >= until:
+                return
+            await asyncio.sleep(until - now)
+
+    def _pick(self, names: set[str], max_count: int) -> list[Delivery]:
+        """Lowest priority first, with each lower band's weighted share kept for it."""
+        waiting = [
+            sorted((d for d in band if d.queue in names), key=lambda d: (d.priority, d.created_at))
+            for band in self._buffers
+        ]
+        active = [b for b, items in enumerate(waiting) if items]
+        total = sum(self.band_weights[b] for b in active)
+        quota = [0] * len(waiting)
+        for b in active[1:]:
+            self._credit[b] += max_count * self.band_weights[b] / total
+            quota[b] = min(int(self._credit[b]), len(waiting[b]))
+        for b, items in enumerate(waiting):
+            if not items:
+                self._credit[b] = 0.0  # no banking of shares while a band has nothing
+        chosen: list[Delivery] = []
+        for b in active[1:]:
+            chosen += waiting[b][: quota[b]]
+            self._credit[b] -= quota[b]
+        rest = sorted(
+            (d for b in active for d in waiting[b][quota[b] :]),
+            key=lambda d: (d.priority, d.created_at),
+        )
+        chosen += rest[: max_count - len(chosen)]
+        taken = {id(d) for d in chosen}
+        for band in self._buffers:
+            if any(id(d) in taken for d in band):
+                keep = [d for d in band if id(d) not in taken]
+                band.clear()
+                band.extend(keep)
+        for d in chosen:
+            d.receipt.handed = True
+        if self._consumer is not None:
+            self._apply_backpressure(self._consumer)  # room again: resume paused bands now
+        return sorted(chosen, key=lambda d: (d.priority, d.created_at))
+
+    # -- settling ----------------------------------------------------------------------
+
+    def _owns(self, receipt: _Receipt) -> bool:
+        part = receipt.part
+        return not part.lost and self._owned.get(part.tp) is part
+
+    @staticmethod
+    def _receipts(deliveries: Sequence[Delivery]) -> list[_Receipt]:
+        receipts = [d.receipt for d in deliveries]
+        for r in receipts:
+            if not isinstance(r, _Receipt):
+                raise TypeError(f"not a Kafka delivery receipt: {r!r}")
+        return receipts
+
+    async def _commit(self, parts: Sequence[_Partition], consumer: Any = None) -> None:
+        """Commit each partition's safe offset where it moved; failures wait for the next."""
+        consumer = consumer if consumer is not None else self._consumer
+        if consumer is None or not parts:
+            return
+        offsets: dict[Any, int] = {}
+        for part in parts:
+            safe = part.safe()
+            if safe is not None and safe != part.committed and not part.lost:
+                offsets[part.tp] = safe
+        if not offsets:
+            return
+        async with self._commit_lock:
+            try:
+                await consumer.commit(offsets)
+            except KafkaError as exc:
+                # A rebalance is under way or the partition moved: the next commit (or
+                # the revoke callback) carries the offset, or the new owner redelivers.
+                log.info("committing Kafka offsets failed (%r); will retry", exc)
+                return
+        for part in parts:
+            if part.tp in offsets:
+                part.committed_to(offsets[part.tp])
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Finish the offsets and commit each partition up to its lowest unfinished one."""
+        parts: dict[int, _Partition] = {}
+        for receipt in self._receipts(deliveries):
+            if receipt.settled:
+                continue
+            receipt.settled = True
+            if self._owns(receipt):
+                receipt.part.finish(receipt.offset)
+                parts[id(receipt.part)] = receipt.part
+        await self._commit(list(parts.values()))
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand the messages out again from here (Kafka cannot give one to another member).
+
+        They stay uncommitted, so after `stop` (or a rebalance) the partition's next
+        owner reads them.
+        """
+        for d in deliveries:
+            receipt = d.receipt
+            if not isinstance(receipt, _Receipt):
+                raise TypeError(f"not a Kafka delivery receipt: {receipt!r}")
+            if receipt.settled or not receipt.handed or not self._owns(receipt):
+                continue
+            receipt.handed = False
+            self._buffers[receipt.band].appendleft(d)
+        self._arrived.set()
+
+    async def requeue(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Produce each next attempt, await Kafka's ack, then finish the old offset."""
+        receipts = self._receipts([d for d, _ in items])
+        live = [
+            (d, e)
+            for (d, e), r in zip(items, receipts, strict=True)
+            if not r.settled and self._owns(r)
+        ]
+        for r in receipts:
+            if not r.settled and not self._owns(r):
+                r.settled = True  # the partition moved: its new owner runs the old attempt
+        if not live:
+            return
+        errors = await self._produce(
+            [
+                (e.queue, e.priority, e.created_at, e.eta, e.body, d.delivery_count, e.uuid)
+                for d, e in live
+            ]
+        )
+        confirmed = [d for (d, _), err in zip(live, errors, strict=True) if err is None]
+        await self.ack(confirmed)
+        failed = [err for err in errors if err is not None]
+        if failed:
+            raise BrokerError(
+                f"Kafka did not take {len(failed)} of {len(live)} retries: {failed[0]!r}"
+            ) from failed[0]
+
+    # -- inspection --------------------------------------------------------------------
+
+    async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
+        """The group's lag over each queue's topics: waiting, delayed and unfinished."""
+        names = list(dict.fromkeys(queues))
+        if not names:
+            return {}
+        await self._ensure_topics(names)
+        admin = self._require(self._admin)
+        if self._offsets_consumer is None:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers)
+            await consumer.start()
+            self._offsets_consumer = consumer
+        tps: dict[Any, str] = {}
+        for queue in names:
+            for topic in self._queue_topics(queue):
+                count = 1 if self._topics[topic].delay_level is not None else self.partitions
+                for p in range(count):
+                    tps[TopicPartition(topic, p)] = queue
+        try:
+            committed = await admin.list_consumer_group_offsets(self.group_id, partitions=list(tps))
+            ends = await self._offsets_consumer.end_offsets(list(tps))
+            starts = await self._offsets_consumer.beginning_offsets(list(tps))
+        except KafkaError as exc:
+            raise BrokerError(f"reading Kafka offsets failed: {exc!r}") from exc
+        sizes = dict.fromkeys(names, 0)
+        consumer = self._consumer
+        for tp, queue in tps.items():
+            meta = committed.get(tp)
+            start = meta.offset if meta is not None and meta.offset >= 0 else starts.get(tp, 0)
+            end = int(ends.get(tp, 0))
+            part = self._owned.get(tp)
+            if part is not None and consumer is not None:
+                # Where this member reads, the fetch responses' high watermark and what it
+                # received are exact; some servers (tansu) answer ListOffsets with the
+                # last batch's first offset + 1.
+                end = max(end, int(consumer.highwater(tp) or 0), part.next_offset or 0)
+            sizes[queue] += max(end - int(start), 0)
+        return sizes
+
+    async def delete_queues(self, queues: Sequence[str]) -> None:
+        """Delete the topics behind these qtasks queues (for tests and tools)."""
+        admin = self._require(self._admin)
+        topics = [t for q in queues for t in self._queue_topics(q)]
+        with contextlib.suppress(KafkaError):
+            await admin.delete_topics(topics)
+        self._created.difference_update(queues)
+
+
+async def _quietly(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception as exc:
+        log.debug("ignored while closing a Kafka client: %r", exc)
+
+
+def _failed(exc: BaseException) -> asyncio.Future[None]:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future

@@ -1,0 +1,741 @@
+"""The RabbitMQ broker (`amqp://` and `amqps://` URLs), on aio-pika.
+
+How qtasks maps onto RabbitMQ (3.8 or newer, no plugins):
+
+* Queues. A qtasks queue is a durable classic queue named `<namespace>.<queue>` with
+  `x-max-priority`. Messages are persistent and published with publisher confirms: a
+  batch is written at once and its confirms awaited together, so `publish` returns only
+  when RabbitMQ has stored every message (BrokerError otherwise).
+* Priorities. RabbitMQ serves HIGHER numbers first, 0..max_priority; qtasks runs LOWER
+  numbers first. qtasks priority p is sent as `clamp(max_priority // 2 - p, 0,
+  max_priority)`: with the default max_priority=10, priorities -5..5 are ten distinct
+  levels around the default 0, and anything beyond runs with -5 or 5 (in publish order).
+  Set `?max_priority=N` (1..255; RabbitMQ advises small numbers) for more levels; an
+  existing queue keeps the value it was created with (changing it is a clear error).
+  `Delivery.priority` is the original qtasks priority, carried in a header.
+* Consuming. `fetch` consumes every queue it is asked for on one channel and waits for
+  the server's pushes (no polling). The channel's prefetch (basic.qos, channel-wide) is
+  raised to "deliveries held and not settled + max_count" (never lowered: a worker asks
+  for the same sum every time), so RabbitMQ sends what the worker has room for (its
+  concurrency plus prefetch) and holds nothing back from other workers. Acks are manual
+  and sent only when the worker settles a delivery, after its result was stored.
+  Deliveries are handed out lowest priority then oldest first; across several queues
+  that order holds for what has arrived (right after a consumer starts, `fetch` lets
+  the first burst arrive before choosing).
+* Delays, without plugins. A message due later waits in one of its queue's delay buckets
+  `<namespace>.<queue>.delay.<k>`: durable queues with `x-message-ttl` = 4**k ms that
+  dead-letter into the work queue (see `qtasks.brokers._delays`). A message that arrives
+  before its eta is sent on to the next bucket by the consumer (publish, confirm, ack)
+  and never handed to the worker early; so delays need a consumer of the queue to make
+  progress, like everything else.
+* Retries and release. `requeue` publishes the next attempt (to the work queue or a
+  bucket), awaits its confirm, then acks the old message. `release` is
+  basic.nack(requeue=True): the message returns to its place at the head of the queue.
+* Delivery count. Classic queues keep none, so a header carries the deliveries counted
+  before the message was last published (a requeue adds one) and RabbitMQ's
+  `redelivered` flag adds one more. Exact in the normal path; after a release or a lost
+  consumer it is "at least" (a released message comes back with count 2).
+* Lost connections. The next call that needs the server reconnects, with exponential
+  backoff (0.1 s doubling to 5 s) for up to `connect_timeout_seconds`, and consumers are
+  recreated. Deliveries taken before the loss are stale: RabbitMQ has already put them
+  back, so their acks, releases and requeues are skipped, never sent on the new channel
+  (where the same delivery tag means another message), and they are delivered again
+  (at-least-once). One window is left: a connection lost between a requeue's confirm
+  and its ack leaves both messages.
+* Queue sizes count ready messages (as RabbitMQ reports them), delayed ones in the
+  buckets and this process's unsettled deliveries. Other consumers' unacked messages are
+  not visible through AMQP (the management API would show them).
+* No results: pair this broker with a storage (`storage_url='redis://...'` or
+  `'sqlite:///...'`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import (
+    AMQPError,
+    AuthenticationError,
+    ChannelPreconditionFailed,
+    ProbableAuthenticationError,
+)
+
+from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
+from qtasks.config import QueueConfig
+from qtasks.errors import BrokerError, ConfigurationError
+from qtasks.interfaces import Broker, Delivery
+from qtasks.urls import redact_url
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractQueue
+
+    from qtasks.message import Envelope
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+DEFAULT_NAMESPACE = "QueueTasks"
+DEFAULT_MAX_PRIORITY = 10
+
+_H_QUEUE = "x-qtasks-queue"
+_H_PRIORITY = "x-qtasks-priority"
+_H_CREATED = "x-qtasks-created-us"  # epoch microseconds: AMQP floats are single precision
+_H_ETA = "x-qtasks-eta-us"
+_H_DELIVERIES = "x-qtasks-deliveries"
+
+_FIRST_BACKOFF_SECONDS = 0.1
+_MAX_BACKOFF_SECONDS = 5.0
+_SETTLE_QUIET_SECONDS = 0.005
+_SETTLE_MAX_SECONDS = 0.05
+_HOP_RETRY_SECONDS = 1.0
+_STOP_HOPS_SECONDS = 5.0
+
+
+def amqp_priority(priority: int, max_priority: int) -> int:
+    """RabbitMQ's priority (higher first, 0..max_priority) for a qtasks one (lower first)."""
+    return min(max(max_priority // 2 - priority, 0), max_priority)
+
+
+def _to_us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _from_us(value: object) -> float | None:
+    return value / 1_000_000 if isinstance(value, int) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outgoing:
+    """One message to publish, whatever it came from (an envelope or a delayed hop)."""
+
+    queue: str
+    priority: int
+    created_at: float
+    eta: float | None
+    body: bytes
+    deliveries: int
+    message_id: str | None
+
+
+class _Session:
+    """One connection with its two channels; replaced as a whole when anything is lost."""
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        publisher: AbstractChannel,
+        consumer: AbstractChannel,
+        raw_consumer: Any,
+    ) -> None:
+        self.connection = connection
+        self.publisher = publisher
+        self.consumer = consumer
+        self.raw_consumer = raw_consumer
+        """The aiormq channel under `consumer`: its `consumers` are the live consumer tags."""
+        self.closed = False
+        self.declared: set[str] = set()
+        self.declaring: dict[str, asyncio.Task[list[int]]] = {}
+        self.consuming: dict[str, tuple[AbstractQueue, str]] = {}
+        self.prefetch = 0
+        self.held: collections.Counter[str] = collections.Counter()
+        """Per qtasks queue: deliveries received and not yet acked/nacked (unacked here)."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Receipt:
+    """What `Delivery.receipt` holds: the aio-pika message and the session it came on."""
+
+    message: AbstractIncomingMessage
+    session: _Session
+    queue: str
+    settled: bool = False
+
+
+class RabbitMQBroker(Broker):
+    """The broker of `amqp://` and `amqps://` URLs; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        config: QueueConfig | None = None,
+        max_priority: int = DEFAULT_MAX_PRIORITY,
+        connect_timeout_seconds: float = 30.0,
+    ) -> None:
+        if not 1 <= max_priority <= 255:
+            raise ConfigurationError(f"max_priority must be within 1..255, got {max_priority}")
+        if not namespace:
+            raise ConfigurationError("the RabbitMQ broker needs a non-empty namespace")
+        self.url = url
+        self.namespace = namespace
+        self.config = config or QueueConfig()
+        self.max_priority = max_priority
+        self.connect_timeout_seconds = connect_timeout_seconds
+        self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self.declared_queues: set[str] = set()
+        """Every qtasks queue this broker declared (for `delete_queues` in tests and tools)."""
+        self._session: _Session | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connect_lock = asyncio.Lock()
+        self._arrived = asyncio.Event()
+        self._arrivals = 0
+        self._buffer: list[Delivery] = []
+        self._hops: set[asyncio.Task[None]] = set()
+        self._closers: set[asyncio.Task[None]] = set()
+        self._backoff = _FIRST_BACKOFF_SECONDS
+        self._connected_before = False
+
+    @classmethod
+    def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> RabbitMQBroker:
+        """Build from `amqp[s]://user:password@host:port/vhost[?max_priority=N]`.
+
+        Other query parameters (heartbeat, ssl options, ...) go to aio-pika as they are.
+        """
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        ours = {k: v for k, v in query if k in {"max_priority", "connect_timeout"}}
+        rest = urlencode([(k, v) for k, v in query if k not in ours])
+        try:
+            max_priority = int(ours.get("max_priority", DEFAULT_MAX_PRIORITY))
+            connect_timeout = float(ours.get("connect_timeout", 30.0))
+        except ValueError as exc:
+            raise ConfigurationError(f"bad parameter in {redact_url(url)}: {exc}") from None
+        return cls(
+            urlunsplit(parts._replace(query=rest)),
+            namespace=namespace,
+            config=config,
+            max_priority=max_priority,
+            connect_timeout_seconds=connect_timeout,
+        )
+
+    # -- names -------------------------------------------------------------------------
+
+    def queue_name(self, queue: str) -> str:
+        """The RabbitMQ queue behind a qtasks queue."""
+        return f"{self.namespace}.{queue}"
+
+    def bucket_name(self, queue: str, level: int) -> str:
+        """The delay bucket `level` of a qtasks queue."""
+        return f"{self.namespace}.{queue}.delay.{level}"
+
+    def _priority_of(self, message: AbstractIncomingMessage) -> int:
+        """The qtasks priority from our header, else mapped back from the AMQP one."""
+        raw = (message.headers or {}).get(_H_PRIORITY)
+        if isinstance(raw, bytes):
+            raw = raw.decode("ascii", "replace")
+        try:
+            return int(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return self.max_priority // 2 - (message.priority or 0)
+
+    # -- connection --------------------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        # A sync app may stop and start again on another loop: loop-bound objects follow.
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._connect_lock = asyncio.Lock()
+            self._arrived = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect (retrying with backoff for up to `connect_timeout_seconds`)."""
+        self._bind_loop()
+        await self._live_session(self.connect_timeout_seconds)
+
+    async def stop(self) -> None:
+        """Stop consuming, finish moving delayed messages on, then close the connection.
+
+        Closing gives every delivery still held (buffered or handed out) back to RabbitMQ.
+        """
+        session, self._session = self._session, None
+        if session is None or session.closed:
+            self._buffer.clear()
+            return
+        for queue, tag in list(session.consuming.values()):
+            with contextlib.suppress(AMQPError, OSError, RuntimeError, asyncio.TimeoutError):
+                await queue.cancel(tag)
+        if self._hops:
+            _, pending = await asyncio.wait(list(self._hops), timeout=_STOP_HOPS_SECONDS)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        session.closed = True
+        self._buffer = [d for d in self._buffer if d.receipt.session is not session]
+        try:
+            await session.connection.close()
+        except Exception as exc:
+            log.warning("closing the RabbitMQ connection failed: %r", exc)
+        if self._closers:
+            await asyncio.gather(*list(self._closers), return_exceptions=True)
+
+    async def _live_session(self, timeout: float) -> _Session:
+        session = self._session
+        if session is not None and not session.closed:
+            return session
+        self._bind_loop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        async with self._connect_lock:
+            while True:
+                session = self._session
+                if session is not None and not session.closed:
+                    return session
+                try:
+                    session = await self._connect()
+                except (AuthenticationError, ProbableAuthenticationError) as exc:
+                    raise BrokerError(
+                        f"RabbitMQ at {redact_url(self.url)} refused the login: {exc}"
+                    ) from exc
+                except (AMQPError, OSError, asyncio.TimeoutError) as exc:
+                    delay = self._backoff * random.uniform(0.8, 1.2)
+                    self._backoff = min(self._backoff * 2, _MAX_BACKOFF_SECONDS)
+                    if loop.time() + delay > deadline:
+                        raise BrokerError(
+                            f"cannot connect to RabbitMQ at {redact_url(self.url)}: {exc!r}"
+                        ) from exc
+                    log.warning(
+                        "connecting to RabbitMQ at %s failed (%r); retrying in %.1fs",
+                        redact_url(self.url),
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                self._backoff = _FIRST_BACKOFF_SECONDS
+                if self._connected_before:
+                    log.info("reconnected to RabbitMQ at %s", redact_url(self.url))
+                self._connected_before = True
+                self._session = session
+                return session
+
+    async def _connect(self) -> _Session:
+        connection = await aio_pika.connect(
+            self.url,
+            timeout=min(self.connect_timeout_seconds, 10.0),
+            client_properties={"connection_name": f"qtasks {self.namespace} {self.consumer_id}"},
+        )
+        try:
+            publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            consumer = await connection.channel(publisher_confirms=False)
+            raw = await consumer.get_underlay_channel()
+        except BaseException:
+            await connection.close()
+            raise
+        session = _Session(connection, publisher, consumer, raw)
+
+        def lost(sender: object, exc: BaseException | None = None) -> None:
+            self._lost(session, exc)
+
+        connection.close_callbacks.add(lost)
+        publisher.close_callbacks.add(lost)
+        consumer.close_callbacks.add(lost)
+
+        def cancelled(frame: Any) -> None:
+            self._arrived.set()  # wake fetchers: _subscribe consumes the queue again
+
+        callbacks = getattr(raw, "on_consumer_cancel_callbacks", None)  # aiormq >= 7
+        if callbacks is not None:
+            callbacks.add(cancelled)
+        return session
+
+    def _lost(self, session: _Session, exc: BaseException | None) -> None:
+        """The connection or a channel closed under us: drop the session and what it held."""
+        if session.closed:
+            return
+        session.closed = True
+        if self._session is session:
+            self._session = None
+        self._buffer = [d for d in self._buffer if d.receipt.session is not session]
+        log.warning(
+            "lost the RabbitMQ connection to %s (%r); %d unsettled deliveries go back to "
+            "the server and come again; reconnecting on next use",
+            redact_url(self.url),
+            exc,
+            sum(session.held.values()),
+        )
+        if not session.connection.is_closed:
+            # A channel alone failed: close the rest so the server takes everything back.
+            closer = asyncio.ensure_future(self._close_quietly(session.connection))
+            self._closers.add(closer)
+            closer.add_done_callback(self._closers.discard)
+        self._arrived.set()
+
+    @staticmethod
+    async def _close_quietly(connection: AbstractConnection) -> None:
+        with contextlib.suppress(Exception):
+            await connection.close()
+
+    # -- declaring ---------------------------------------------------------------------
+
+    async def _ensure_declared(self, session: _Session, queue: str) -> None:
+        """Declare once per session, however many publishes ask at the same time."""
+        if queue in session.declared:
+            return
+        task = session.declaring.get(queue)
+        if task is None:
+            task = asyncio.ensure_future(self._declare(session, queue))
+            session.declaring[queue] = task
+            task.add_done_callback(lambda _: session.declaring.pop(queue, None))
+        await asyncio.shield(task)
+
+    async def _declare(self, session: _Session, queue: str) -> list[int]:
+        """Declare a work queue and its delay buckets; their ready-message counts."""
+        work = self.queue_name(queue)
+        channel = session.publisher
+        declarations = [
+            channel.declare_queue(
+                work, durable=True, arguments={"x-max-priority": self.max_priority}
+            )
+        ]
+        declarations += [
+            channel.declare_queue(
+                self.bucket_name(queue, level),
+                durable=True,
+                arguments={
+                    "x-message-ttl": bucket_wait_ms(level),
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": work,
+                },
+            )
+            for level in range(BUCKET_LEVELS)
+        ]
+        results = await asyncio.gather(*declarations, return_exceptions=True)
+        for result in results:
+            if isinstance(result, ChannelPreconditionFailed):
+                raise ConfigurationError(
+                    f"RabbitMQ queue {work!r} (or one of its delay buckets) exists with "
+                    f"other arguments ({result}); this broker declares x-max-priority="
+                    f"{self.max_priority}: use the value it was created with or delete it"
+                ) from result
+            if isinstance(result, BaseException):
+                raise BrokerError(f"declaring RabbitMQ queue {work!r} failed: {result!r}")
+        session.declared.add(queue)
+        self.declared_queues.add(queue)
+        counts: list[int] = []
+        for result in results:
+            assert not isinstance(result, BaseException)
+            declared = result.declaration_result
+            counts.append(int(declared.message_count or 0))
+        return counts
+
+    # -- publishing --------------------------------------------------------------------
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish with confirms; BrokerError if RabbitMQ did not confirm every message."""
+        if not envelopes:
+            return
+        session = await self._live_session(self.connect_timeout_seconds)
+        items = [
+            _Outgoing(e.queue, e.priority, e.created_at, e.eta, e.body, 0, e.uuid)
+            for e in envelopes
+        ]
+        errors = [err for err in await self._send(session, items) if err is not None]
+        if errors:
+            raise BrokerError(
+                f"RabbitMQ did not confirm {len(errors)} of {len(items)} messages: {errors[0]!r}"
+            ) from errors[0]
+
+    async def _send(
+        self, session: _Session, items: Sequence[_Outgoing]
+    ) -> list[BaseException | None]:
+        """Publish every item at once, then await the confirms together; errors per item."""
+        missing = {i.queue for i in items} - session.declared
+        if missing:
+            await asyncio.gather(*(self._ensure_declared(session, q) for q in missing))
+        exchange = session.publisher.default_exchange
+        now = time.time()
+        publishes = []
+        for item in items:
+            level = None if item.eta is None else bucket_for(item.eta - now)
+            if level is None:
+                routing_key = self.queue_name(item.queue)
+            else:
+                routing_key = self.bucket_name(item.queue, level)
+            publishes.append(exchange.publish(self._message(item), routing_key, mandatory=True))
+        results = await asyncio.gather(*publishes, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    def _message(self, item: _Outgoing) -> aio_pika.Message:
+        headers: dict[str, Any] = {
+            _H_QUEUE: item.queue,
+            _H_PRIORITY: str(item.priority),  # text: pamqp 3 cannot encode small negatives
+            _H_CREATED: _to_us(item.created_at),
+            _H_DELIVERIES: item.deliveries,
+        }
+        if item.eta is not None:
+            headers[_H_ETA] = _to_us(item.eta)
+        return aio_pika.Message(
+            item.body,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=amqp_priority(item.priority, self.max_priority),
+            message_id=item.message_id,
+        )
+
+    # -- consuming ---------------------------------------------------------------------
+
+    async def fetch(self, queues: Sequence[str], max_count: int, timeout: float) -> list[Delivery]:
+        """Claim up to max_count due messages, waiting for RabbitMQ's pushes up to timeout."""
+        names = list(dict.fromkeys(queues))
+        if max_count <= 0:
+            return []
+        if not names:
+            await asyncio.sleep(max(timeout, 0.0))
+            return []
+        self._bind_loop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        settle = False
+        while True:
+            session = await self._live_session(max(deadline - loop.time(), 1.0))
+            settle = await self._subscribe(session, names, max_count) or settle
+            if any(d.queue in names for d in self._buffer):
+                if settle:
+                    await self._settle()
+                return self._take(names, max_count)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            self._arrived.clear()
+            waiter = asyncio.ensure_future(self._arrived.wait())
+            try:
+                # asyncio.wait, not wait_for: before 3.12 wait_for can swallow a cancel.
+                await asyncio.wait((waiter,), timeout=remaining)
+            finally:
+                waiter.cancel()
+
+    async def _subscribe(self, session: _Session, names: list[str], max_count: int) -> bool:
+        """Set the prefetch for this fetch and consume every queue; True if one was new."""
+        buffered = sum(1 for d in self._buffer if d.queue in names)
+        want = sum(session.held.values()) - buffered + max_count
+        # Only ever raised (a round trip each time): for a worker, held + room is its
+        # constant concurrency + prefetch, so this settles on that at once.
+        if want > session.prefetch:
+            await session.consumer.set_qos(prefetch_count=want, global_=True)
+            session.prefetch = want
+        started = False
+        for name in names:
+            entry = session.consuming.get(name)
+            if entry is not None and entry[1] not in session.raw_consumer.consumers:
+                # The server ended this consumer (its queue was deleted): consume again.
+                del session.consuming[name]
+                session.declared.discard(name)
+            elif entry is not None:
+                continue
+            await self._ensure_declared(session, name)
+            queue = await session.consumer.declare_queue(
+                self.queue_name(name),
+                durable=True,
+                arguments={"x-max-priority": self.max_priority},
+            )
+            tag = await queue.consume(self._on_message(session, name), no_ack=False)
+            session.consuming[name] = (queue, tag)
+            started = True
+        return started
+
+    def _on_message(
+        self, session: _Session, queue: str
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._arrive(session, queue, message)
+
+        return on_message
+
+    def _arrive(self, session: _Session, queue: str, message: AbstractIncomingMessage) -> None:
+        if session.closed:
+            return  # the server has it back already
+        session.held[queue] += 1
+        receipt = _Receipt(message, session, queue)
+        headers = message.headers or {}
+        eta = _from_us(headers.get(_H_ETA))
+        if eta is not None and eta > time.time():
+            hop = asyncio.ensure_future(self._hop(receipt, eta))
+            self._hops.add(hop)
+            hop.add_done_callback(self._hops.discard)
+            return
+        priority = self._priority_of(message)
+        created = _from_us(headers.get(_H_CREATED))
+        if created is None:
+            created = message.timestamp.timestamp() if message.timestamp else time.time()
+        before = headers.get(_H_DELIVERIES)
+        count = (before if isinstance(before, int) else 0) + 1 + int(bool(message.redelivered))
+        self._buffer.append(Delivery(message.body, receipt, queue, priority, created, count))
+        self._arrivals += 1
+        self._arrived.set()
+
+    async def _settle(self) -> None:
+        # Right after basic.consume the server pushes a burst; let it end (a quiet gap or
+        # a cap) so one fetch chooses among all of it instead of whatever came first.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + _SETTLE_MAX_SECONDS
+        while loop.time() < end:
+            seen = self._arrivals
+            await asyncio.sleep(_SETTLE_QUIET_SECONDS)
+            if self._arrivals == seen:
+                return
+
+    def _take(self, names: list[str], max_count: int) -> list[Delivery]:
+        matching = sorted(
+            (d for d in self._buffer if d.queue in names), key=lambda d: (d.priority, d.created_at)
+        )
+        out = matching[:max_count]
+        taken = {id(d) for d in out}
+        self._buffer = [d for d in self._buffer if id(d) not in taken]
+        return out
+
+    async def _hop(self, receipt: _Receipt, eta: float) -> None:
+        """Move an early message on to the next delay bucket: publish, confirm, then ack."""
+        message = receipt.message
+        headers = message.headers or {}
+        created = _from_us(headers.get(_H_CREATED))
+        before = headers.get(_H_DELIVERIES)
+        item = _Outgoing(
+            receipt.queue,
+            self._priority_of(message),
+            created if created is not None else time.time(),
+            eta,
+            message.body,
+            before if isinstance(before, int) else 0,
+            message.message_id,
+        )
+        try:
+            (error,) = await self._send(receipt.session, [item])
+        except Exception as exc:
+            error = exc
+        if error is not None:
+            log.warning("moving a delayed message on failed (%r); it comes back to retry", error)
+            await asyncio.sleep(_HOP_RETRY_SECONDS)
+            await self._settle_receipts([receipt], requeue=True)
+            return
+        await self._settle_receipts([receipt], requeue=None)
+
+    # -- settling ----------------------------------------------------------------------
+
+    async def _settle_receipts(self, receipts: Sequence[_Receipt], *, requeue: bool | None) -> int:
+        """Ack (requeue=None) or nack receipts still valid on a live session; how many were.
+
+        Receipts from a lost session are skipped: RabbitMQ has taken those messages back
+        and delivers them again, and their tags mean nothing on a new channel.
+        """
+        done = stale = 0
+        for receipt in receipts:
+            if receipt.settled:
+                continue
+            if receipt.session.closed:
+                stale += 1
+                continue
+            try:
+                if requeue is None:
+                    await receipt.message.ack()
+                else:
+                    await receipt.message.nack(requeue=requeue)
+            except (AMQPError, OSError, RuntimeError) as exc:
+                # The channel went away mid-batch: the server has these back.
+                log.debug("settling a RabbitMQ delivery failed: %r", exc)
+                stale += 1
+                continue
+            receipt.settled = True
+            receipt.session.held[receipt.queue] -= 1
+            done += 1
+        if stale:
+            log.info(
+                "%d deliveries from a lost RabbitMQ connection were not settled; "
+                "RabbitMQ delivers them again",
+                stale,
+            )
+        return done
+
+    @staticmethod
+    def _receipts(deliveries: Sequence[Delivery]) -> list[_Receipt]:
+        receipts = [d.receipt for d in deliveries]
+        for r in receipts:
+            if not isinstance(r, _Receipt):
+                raise TypeError(f"not a RabbitMQ delivery receipt: {r!r}")
+        return receipts
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack finished messages (skipping ones from a lost connection: they come again)."""
+        await self._settle_receipts(self._receipts(deliveries), requeue=None)
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """basic.nack(requeue=True): back to the head of their queue for any consumer.
+
+        This process stops consuming those queues first: its consumer still has prefetch
+        room and would otherwise take the messages straight back. The next fetch
+        consumes again (the worker releases only when it stops).
+        """
+        receipts = self._receipts(deliveries)
+        live = [r for r in receipts if not r.settled and not r.session.closed]
+        for queue in {r.queue for r in live}:
+            session = live[0].session
+            consumer = session.consuming.pop(queue, None)
+            if consumer is not None:
+                with contextlib.suppress(AMQPError, OSError, RuntimeError, asyncio.TimeoutError):
+                    await consumer[0].cancel(consumer[1])
+        await self._settle_receipts(live, requeue=True)
+        self._arrived.set()
+
+    async def requeue(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Publish each next attempt, await its confirm, then ack the message it replaces."""
+        receipts = self._receipts([d for d, _ in items])
+        live = [
+            (d, e)
+            for (d, e), r in zip(items, receipts, strict=True)
+            if not r.settled and not r.session.closed
+        ]
+        if not live:
+            return
+        session = live[0][0].receipt.session
+        outgoing = [
+            _Outgoing(e.queue, e.priority, e.created_at, e.eta, e.body, d.delivery_count, e.uuid)
+            for d, e in live
+        ]
+        errors = await self._send(session, outgoing)
+        confirmed = [d.receipt for (d, _), err in zip(live, errors, strict=True) if err is None]
+        await self._settle_receipts(confirmed, requeue=None)
+        failed = [err for err in errors if err is not None]
+        if failed:
+            raise BrokerError(
+                f"RabbitMQ did not confirm {len(failed)} of {len(live)} retries: {failed[0]!r}"
+            ) from failed[0]
+
+    # -- inspection --------------------------------------------------------------------
+
+    async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
+        """Ready + delayed messages (from RabbitMQ) + this process's unsettled ones."""
+        session = await self._live_session(self.connect_timeout_seconds)
+        sizes: dict[str, int] = {}
+        for queue in dict.fromkeys(queues):
+            counts = await self._declare(session, queue)
+            sizes[queue] = sum(counts) + max(session.held[queue], 0)
+        return sizes
+
+    async def delete_queues(self, queues: Sequence[str]) -> None:
+        """Delete the RabbitMQ queues (and delay buckets) behind these qtasks queues."""
+        session = await self._live_session(self.connect_timeout_seconds)
+        for queue in queues:
+            consumer = session.consuming.pop(queue, None)
+            if consumer is not None:
+                await consumer[0].cancel(consumer[1])
+            names = [self.queue_name(queue)]
+            names += [self.bucket_name(queue, level) for level in range(BUCKET_LEVELS)]
+            for name in names:
+                await session.publisher.queue_delete(name)
+            session.declared.discard(queue)
+            self.declared_queues.discard(queue)

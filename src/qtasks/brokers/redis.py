@@ -1,0 +1,827 @@
+"""The Redis broker: crash-safe claims, priorities across all workers, blocking waits.
+
+How a message lives (keys in `qtasks._redis.Keys`, all under the app's `{namespace}` hash
+tag; every change is one Lua script, so it is atomic and one round trip):
+
+* A message id is `<created_at in µs, 16 digits>:<task uuid>`; its body is in the `bodies`
+  hash. Ready messages sit in a sorted set per queue scored by priority; members with
+  equal scores sort bytewise, so `ZPOPMIN` hands out the lowest priority number first and
+  then the oldest. The order is Redis's, the same for every worker; a fetch from several
+  queues merges their heads in the script.
+* Claiming (`fetch`) moves messages from the ready set into the consumer's own `inflight`
+  hash (id → deliveries, priority, queue) and returns their bodies. A message stays in
+  Redis until acked; nothing lives only in a worker's memory.
+* Liveness is a heartbeat, not a visibility timeout: every consumer has a score in the
+  `consumers` sorted set (Redis `TIME`), refreshed by each claim and by a THREAD with its
+  own blocking client, so a task that blocks the event loop cannot make a live worker look
+  dead. Every consumer's thread also sweeps: a consumer silent for
+  `worker_lost_after_seconds` has its in-flight messages put back (delivery counts kept).
+  A live worker's long task is never taken from it, however long it runs. `stop()` gives
+  back its own claims at once, as if never delivered.
+* A claim whose reply is lost (connection dropped, caller cancelled) may have run: the
+  next fetch first reconciles the in-flight hash with what this process holds and gives
+  back the rest, and `stop()` gives back everything anyway.
+* Delayed messages (`eta`) sit in a sorted set per queue scored by their due time on
+  REDIS's clock (`TIME` plus the delay the producer asked for), so producers' clocks do
+  not matter; each claim first moves the due ones to the ready set.
+* Idle consumers block on the server, never sleep-poll: a publish pushes wake tokens onto
+  the queue's `wake` list (one per message, capped at 128, so the list stays tiny) and an
+  idle consumer sends `BLPOP` on its queues' lists and, in the same pipeline, the claim
+  script: a wake costs no extra round trip. The BLPOP timeout is the fetch timeout or the
+  next due time, whichever is first. A claim that finds nothing deletes the (stale)
+  tokens of its queues, so leftover tokens never cause spinning. `stop()` wakes its own
+  blocked fetch through a per-consumer list.
+* `ack`, `release` and `requeue` are one script call per batch (1000 messages per call).
+  `enqueue` writes the task record (`SET NX`) and the message in the same script when the
+  storage is a RedisStorage on the same link; concurrent calls are coalesced into few
+  script calls (automatic pipelining, `qtasks._redis.Batcher`). A record that exists
+  already marks a retried enqueue, whose message is not enqueued twice.
+* Redis errors are raised as `BrokerError` naming the URL without its password. Idempotent
+  calls (enqueue, ack, release, requeue) are retried on connection errors with backoff
+  (about 1.5 s); a failed fetch is retried by the worker's fetch loop, so a worker resumes
+  by itself once Redis is back.
+
+Why sorted sets and hashes, not streams or lists: a stream is FIFO (priorities would need
+a stream per level, read in turn by every worker), and its pending entries are reclaimed
+by idle time, which is a visibility timeout: a live worker's long task would be taken
+unless it kept re-claiming it. Lists (`LMOVE` to a processing list) order only by arrival
+and make every ack an O(n) `LREM`. A sorted set gives priority-then-age order in one
+structure with O(log n) claims, and the per-consumer hash makes acks, give-backs and the
+sweep cheap and exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from qtasks._redis import (
+    BLOCKING_READ_MARGIN_SECONDS,
+    DEFAULT_NAMESPACE,
+    DEFAULT_URL,
+    Batcher,
+    RedisComponent,
+    Script,
+    script,
+    with_host,
+)
+from qtasks.errors import BrokerError, QTasksError
+from qtasks.interfaces import Broker, Delivery, Storage
+from qtasks.message import Envelope, Task
+from qtasks.storages.redis import RedisStorage
+
+if TYPE_CHECKING:
+    import redis
+
+    from qtasks.config import QueueConfig
+
+from redis.exceptions import MovedError, NoScriptError, RedisError, ResponseError
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+"""Most messages one script call handles (Lua's unpack() limit is a few thousand)."""
+WAKE_TOKENS_MAX = 128
+
+_WAKE = """
+local function wake(key, count)
+  local room = WAKE_TOKENS_MAX - redis.call('LLEN', key)
+  if room <= 0 then return end
+  if count > room then count = room end
+  local tokens = {}
+  for j = 1, count do tokens[j] = '1' end
+  redis.call('RPUSH', key, unpack(tokens))
+end
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+""".replace("WAKE_TOKENS_MAX", str(WAKE_TOKENS_MAX))
+
+ENQUEUE = script(
+    "enqueue",
+    _WAKE
+    + """
+-- KEYS[1] bodies; ARGV[1] key prefix, ARGV[2] record key prefix, then 7 per message:
+-- queue ('' = a record only), priority, message id, delay seconds ('' = due now), body,
+-- uuid ('' = no record), record. A record that exists already marks a retried enqueue:
+-- its message is not enqueued twice.
+local t = false  -- Redis's clock, read only if a message is delayed
+local ready, delayed, added = {}, {}, {}
+local n = 0
+for i = 3, #ARGV, 7 do
+  local q, mid = ARGV[i], ARGV[i + 2]
+  local fresh
+  if ARGV[i + 5] ~= '' then
+    if q == '' then
+      redis.call('SET', ARGV[2] .. ARGV[i + 5], ARGV[i + 6])
+      fresh = false
+    else
+      fresh = redis.call('SET', ARGV[2] .. ARGV[i + 5], ARGV[i + 6], 'NX')
+      if fresh then redis.call('HSET', KEYS[1], mid, ARGV[i + 4]) end
+    end
+  else
+    fresh = redis.call('HSETNX', KEYS[1], mid, ARGV[i + 4]) == 1
+  end
+  if fresh then
+    n = n + 1
+    local delay = tonumber(ARGV[i + 3])
+    if delay and delay > 0 then
+      if not t then t = now() end
+      local d = delayed[q]
+      if not d then d = {}; delayed[q] = d end
+      d[#d + 1] = t + delay
+      d[#d + 1] = ARGV[i + 1] .. ':' .. mid
+    else
+      local r = ready[q]
+      if not r then r = {}; ready[q] = r end
+      r[#r + 1] = ARGV[i + 1]
+      r[#r + 1] = mid
+    end
+    added[q] = (added[q] or 0) + 1
+  end
+end
+for q, args in pairs(ready) do redis.call('ZADD', ARGV[1] .. 'ready:' .. q, unpack(args)) end
+for q, args in pairs(delayed) do redis.call('ZADD', ARGV[1] .. 'delayed:' .. q, unpack(args)) end
+for q, count in pairs(added) do wake(ARGV[1] .. 'wake:' .. q, count) end
+return n
+""",
+)
+
+CLAIM = script(
+    "claim",
+    _WAKE
+    + """
+-- KEYS[1] consumers, KEYS[2] my inflight, KEYS[3] bodies, KEYS[4] counts;
+-- queue i: KEYS[3i+2] ready, KEYS[3i+3] delayed, KEYS[3i+4] wake
+-- ARGV[1] consumer id, ARGV[2] max count, ARGV[2+i] name of queue i
+-- Returns {0, id, priority, queue index, deliveries, body, ...} or {ms until the next
+-- delayed message is due, or -1}.
+local t = now()
+redis.call('ZADD', KEYS[1], t, ARGV[1])
+local nq = (#KEYS - 4) / 3
+local want = tonumber(ARGV[2])
+for i = 1, nq do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[3 * i + 3], '-inf', t, 'LIMIT', 0, 1000)
+  if #due > 0 then
+    local args = {}
+    for _, m in ipairs(due) do
+      local sep = string.find(m, ':', 1, true)
+      args[#args + 1] = string.sub(m, 1, sep - 1)
+      args[#args + 1] = string.sub(m, sep + 1)
+    end
+    redis.call('ZADD', KEYS[3 * i + 2], unpack(args))
+    redis.call('ZREM', KEYS[3 * i + 3], unpack(due))
+  end
+end
+local picked = {}
+if nq == 1 then
+  local r = redis.call('ZPOPMIN', KEYS[5], want)
+  for j = 1, #r, 2 do picked[#picked + 1] = {r[j], r[j + 1], 1} end
+else
+  local cand = {}
+  for i = 1, nq do
+    local r = redis.call('ZRANGE', KEYS[3 * i + 2], 0, want - 1, 'WITHSCORES')
+    for j = 1, #r, 2 do
+      local created = tonumber(string.sub(r[j], 1, 16)) or 0
+      cand[#cand + 1] = {r[j], r[j + 1], i, tonumber(r[j + 1]), created}
+    end
+  end
+  -- priority, then creation time, then id (numbers first: Lua compares strings by locale)
+  table.sort(cand, function(a, b)
+    if a[4] ~= b[4] then return a[4] < b[4] end
+    if a[5] ~= b[5] then return a[5] < b[5] end
+    return a[1] < b[1]
+  end)
+  local byq = {}
+  for j = 1, math.min(want, #cand) do
+    local c = cand[j]
+    picked[#picked + 1] = c
+    local l = byq[c[3]]
+    if not l then l = {}; byq[c[3]] = l end
+    l[#l + 1] = c[1]
+  end
+  for i, l in pairs(byq) do redis.call('ZREM', KEYS[3 * i + 2], unpack(l)) end
+end
+local n = #picked
+if n == 0 then
+  local nxt = false
+  for i = 1, nq do
+    redis.call('DEL', KEYS[3 * i + 4])
+    local f = redis.call('ZRANGE', KEYS[3 * i + 3], 0, 0, 'WITHSCORES')
+    if #f > 0 then
+      local e = tonumber(f[2])
+      if not nxt or e < nxt then nxt = e end
+    end
+  end
+  if not nxt then return {-1} end
+  local ms = math.ceil((nxt - t) * 1000)
+  if ms < 0 then ms = 0 end
+  return {ms}
+end
+local mids = {}
+for j = 1, n do mids[j] = picked[j][1] end
+local bodies = redis.call('HMGET', KEYS[3], unpack(mids))
+local counts = redis.call('HMGET', KEYS[4], unpack(mids))
+local fields, out, counted = {}, {0}, false
+for j = 1, n do
+  local p = picked[j]
+  if counts[j] then counted = true end
+  if bodies[j] then
+    local c = (tonumber(counts[j]) or 0) + 1
+    fields[#fields + 1] = p[1]
+    fields[#fields + 1] = c .. ':' .. p[2] .. ':' .. ARGV[2 + p[3]]
+    out[#out + 1] = p[1]
+    out[#out + 1] = p[2]
+    out[#out + 1] = p[3]
+    out[#out + 1] = c
+    out[#out + 1] = bodies[j]
+  end
+end
+if counted then redis.call('HDEL', KEYS[4], unpack(mids)) end
+if #fields > 0 then redis.call('HSET', KEYS[2], unpack(fields)) end
+return out
+""",
+)
+
+ACK = script(
+    "ack",
+    """
+-- KEYS[1] my inflight, KEYS[2] bodies, KEYS[3] counts; ARGV[1] key prefix,
+-- then 2 per message: id, queue
+local mids = {}
+for i = 2, #ARGV, 2 do mids[#mids + 1] = ARGV[i] end
+local held = redis.call('HMGET', KEYS[1], unpack(mids))
+redis.call('HDEL', KEYS[1], unpack(mids))
+local gone = {}
+for j = 1, #mids do
+  if held[j] then
+    gone[#gone + 1] = mids[j]
+  elseif redis.call('ZREM', ARGV[1] .. 'ready:' .. ARGV[2 * j + 1], mids[j]) == 1 then
+    -- a sweep had given it back and nobody took it yet: finished all the same
+    gone[#gone + 1] = mids[j]
+    redis.call('HDEL', KEYS[3], mids[j])
+  end
+end
+if #gone > 0 then redis.call('HDEL', KEYS[2], unpack(gone)) end
+return #gone
+""",
+)
+
+RELEASE = script(
+    "release",
+    _WAKE
+    + """
+-- KEYS[1] my inflight, KEYS[2] counts; ARGV[1] key prefix, ARGV[2..] message ids
+local mids = {}
+for i = 2, #ARGV do mids[#mids + 1] = ARGV[i] end
+local held = redis.call('HMGET', KEYS[1], unpack(mids))
+local woken, n = {}, 0
+for j = 1, #mids do
+  local v = held[j]
+  if v then
+    local c, p, q = string.match(v, '^(%d+):([^:]*):(.*)$')
+    redis.call('ZADD', ARGV[1] .. 'ready:' .. q, p, mids[j])
+    c = tonumber(c) - 1
+    if c > 0 then redis.call('HSET', KEYS[2], mids[j], c) end
+    woken[q] = (woken[q] or 0) + 1
+    n = n + 1
+  end
+end
+redis.call('HDEL', KEYS[1], unpack(mids))
+for q, count in pairs(woken) do wake(ARGV[1] .. 'wake:' .. q, count) end
+return n
+""",
+)
+
+REQUEUE = script(
+    "requeue",
+    _WAKE
+    + """
+-- KEYS[1] my inflight, KEYS[2] bodies, KEYS[3] counts; ARGV[1] key prefix, then 7 per
+-- message: old id, old queue, new queue, priority, new id, delay ('' = due now), body
+local t = now()
+local woken, n = {}, 0
+for i = 2, #ARGV, 7 do
+  local old, newq, mid = ARGV[i], ARGV[i + 2], ARGV[i + 4]
+  local c = false
+  local v = redis.call('HGET', KEYS[1], old)
+  if v then
+    c = tonumber(string.match(v, '^(%d+):'))
+    redis.call('HDEL', KEYS[1], old)
+  elseif redis.call('ZREM', ARGV[1] .. 'ready:' .. ARGV[i + 1], old) == 1 then
+    c = tonumber(redis.call('HGET', KEYS[3], old)) or 0
+  end
+  if c then
+    redis.call('HDEL', KEYS[2], old)
+    redis.call('HDEL', KEYS[3], old)
+    redis.call('HSET', KEYS[2], mid, ARGV[i + 6])
+    if c > 0 then redis.call('HSET', KEYS[3], mid, c) end
+    local delay = tonumber(ARGV[i + 5])
+    if delay and delay > 0 then
+      redis.call('ZADD', ARGV[1] .. 'delayed:' .. newq, t + delay, ARGV[i + 3] .. ':' .. mid)
+    else
+      redis.call('ZADD', ARGV[1] .. 'ready:' .. newq, ARGV[i + 3], mid)
+    end
+    woken[newq] = (woken[newq] or 0) + 1
+    n = n + 1
+  end
+end
+for q, count in pairs(woken) do wake(ARGV[1] .. 'wake:' .. q, count) end
+return n
+""",
+)
+
+GIVE_BACK = script(
+    "give_back",
+    _WAKE
+    + """
+-- KEYS[1] consumers, KEYS[2] my inflight, KEYS[3] counts, KEYS[4] my wakeup list;
+-- ARGV[1] key prefix, ARGV[2] consumer id. Claims go back as if never delivered.
+local items = redis.call('HGETALL', KEYS[2])
+local woken, n = {}, 0
+for j = 1, #items, 2 do
+  local mid = items[j]
+  local c, p, q = string.match(items[j + 1], '^(%d+):([^:]*):(.*)$')
+  redis.call('ZADD', ARGV[1] .. 'ready:' .. q, p, mid)
+  c = tonumber(c) - 1
+  if c > 0 then redis.call('HSET', KEYS[3], mid, c) end
+  woken[q] = (woken[q] or 0) + 1
+  n = n + 1
+end
+redis.call('DEL', KEYS[2], KEYS[4])
+redis.call('ZREM', KEYS[1], ARGV[2])
+for q, count in pairs(woken) do wake(ARGV[1] .. 'wake:' .. q, count) end
+return n
+""",
+)
+
+SWEEP = script(
+    "sweep",
+    _WAKE
+    + """
+-- KEYS[1] consumers, KEYS[2] counts; ARGV[1] key prefix, ARGV[2] lost after (seconds).
+-- Claims of silent consumers go back, their delivery counts kept. Returns {consumers, messages}.
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now() - tonumber(ARGV[2]),
+                        'LIMIT', 0, 100)
+local woken, n = {}, 0
+for _, id in ipairs(dead) do
+  local key = ARGV[1] .. 'inflight:' .. id
+  local items = redis.call('HGETALL', key)
+  for j = 1, #items, 2 do
+    local mid = items[j]
+    local c, p, q = string.match(items[j + 1], '^(%d+):([^:]*):(.*)$')
+    redis.call('ZADD', ARGV[1] .. 'ready:' .. q, p, mid)
+    redis.call('HSET', KEYS[2], mid, c)
+    woken[q] = (woken[q] or 0) + 1
+    n = n + 1
+  end
+  redis.call('DEL', key, ARGV[1] .. 'wakeup:' .. id)
+  redis.call('ZREM', KEYS[1], id)
+end
+for q, count in pairs(woken) do wake(ARGV[1] .. 'wake:' .. q, count) end
+return {#dead, n}
+""",
+)
+
+BEAT = script(
+    "beat",
+    """
+-- KEYS[1] consumers; ARGV[1] consumer id
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
+return 1
+""",
+)
+
+SIZES = script(
+    "queue_sizes",
+    """
+-- KEYS[1] consumers; ARGV[1] key prefix, ARGV[2..] queues. Ready + delayed + in flight.
+local sizes, index = {}, {}
+for i = 2, #ARGV do
+  local q = ARGV[i]
+  index[q] = i - 1
+  sizes[i - 1] = redis.call('ZCARD', ARGV[1] .. 'ready:' .. q)
+    + redis.call('ZCARD', ARGV[1] .. 'delayed:' .. q)
+end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  for _, v in ipairs(redis.call('HVALS', ARGV[1] .. 'inflight:' .. id)) do
+    local k = index[string.match(v, '^%d+:[^:]*:(.*)$')]
+    if k then sizes[k] = sizes[k] + 1 end
+  end
+end
+return sizes
+""",
+)
+
+
+def message_id(envelope: Envelope) -> str:
+    """The id that orders a message among equal priorities: creation time, then uuid."""
+    return f"{max(0, int(envelope.created_at * 1_000_000)):016d}:{envelope.uuid}"
+
+
+class _Batch:
+    """One enqueue call's messages: the flat ENQUEUE arguments, 7 per message."""
+
+    __slots__ = ("args", "size")
+
+    def __init__(self, args: list[Any], size: int) -> None:
+        self.args = args
+        self.size = size
+
+
+class RedisBroker(RedisComponent, Broker):
+    """The broker of `redis://`, `rediss://` and `unix://` URLs; see the module docstring."""
+
+    error_class = BrokerError
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        config: QueueConfig | None = None,
+    ) -> None:
+        super().__init__(url, namespace=namespace, config=config)
+        self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._reset()
+
+    def _reset(self) -> None:
+        self._registered = False
+        self._stopping = False
+        self._held: set[bytes] = set()
+        """Message ids claimed by this process and not yet settled."""
+        self._reconcile = False
+        self._fetch_lock: asyncio.Lock | None = None
+        self._fetches: set[asyncio.Future[None]] = set()
+        """Resolved when each running fetch ends (stop() waits for them)."""
+        self._batchers: dict[str, Batcher[_Batch]] = {}
+        self._heartbeat: _HeartbeatThread | None = None
+
+    async def start(self) -> None:
+        """Connect (see RedisComponent.start)."""
+        await super().start()
+        self._stopping = False
+
+    async def stop(self) -> None:
+        """Stop heartbeating, end blocked fetches, give back every claim held, disconnect."""
+        link = self._link
+        if link is None:
+            return
+        self._stopping = True
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
+        if self._fetches:
+            with contextlib.suppress(RedisError):
+                await link.call("RPUSH", self.keys.wakeup(self.consumer_id), "1", retry=False)
+        fetches = list(self._fetches)  # woken: they end within a round trip
+        if fetches:
+            await asyncio.wait(fetches, timeout=5.0)
+        for batcher in self._batchers.values():
+            await batcher.close()
+        if self._registered:
+            k, me = self.keys, self.consumer_id
+            try:
+                await self._eval(
+                    GIVE_BACK,
+                    [k.consumers, k.inflight(me), k.counts, k.wakeup(me)],
+                    [k.prefix, me],
+                )
+            except QTasksError as exc:
+                # Our heartbeat has stopped: the sweep gives the claims back later.
+                log.warning("could not give back claims on stop: %s", exc)
+        self._reset()
+        await super().stop()
+
+    # -- publishing ----------------------------------------------------------------------
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Make messages deliverable (after their eta), coalesced with concurrent calls."""
+        if envelopes:
+            await self._submit("", self._entries(envelopes, None))
+
+    async def enqueue(
+        self, storage: Storage, tasks: Sequence[Task], envelopes: Sequence[Envelope]
+    ) -> None:
+        """Records and messages in ONE script call when the storage shares this link.
+
+        Atomic, one round trip, and coalesced with concurrent calls; otherwise the records
+        are stored first, then the messages published (see Broker.enqueue).
+        """
+        link = self.link
+        if not (isinstance(storage, RedisStorage) and storage._link is link):
+            await super().enqueue(storage, tasks, envelopes)
+            return
+        records = dict(storage.encode_records(tasks))
+        await self._submit(storage.keys.record_prefix, self._entries(envelopes, records))
+
+    def _entries(self, envelopes: Sequence[Envelope], records: dict[str, bytes] | None) -> _Batch:
+        now = time.time()
+        args: list[Any] = []
+        for e in envelopes:
+            record = records.pop(e.uuid, None) if records else None
+            created = int(e.created_at * 1_000_000) if e.created_at > 0 else 0
+            args += (
+                e.queue,
+                e.priority,
+                f"{created:016d}:{e.uuid}",
+                "" if e.eta is None or e.eta <= now else repr(e.eta - now),
+                e.body,
+                "" if record is None else e.uuid,
+                record or b"",
+            )
+        for uuid, record in (records or {}).items():  # records without a message
+            args += ("", 0, "", "", b"", uuid, record)
+        return _Batch(args, len(args) // 7)
+
+    async def _submit(self, record_prefix: str, batch: _Batch) -> None:
+        batcher = self._batchers.get(record_prefix)
+        if batcher is None:
+            batcher = self._batchers[record_prefix] = Batcher(
+                lambda items: self._write(record_prefix, items), max_items=4 * MAX_BATCH
+            )
+        await batcher.submit(batch)
+
+    async def _write(self, record_prefix: str, items: list[_Batch]) -> None:
+        k = self.keys
+        head = ("EVALSHA", ENQUEUE.sha, 1, k.bodies, k.prefix, record_prefix)
+        args = items[0].args if len(items) == 1 else [a for item in items for a in item.args]
+        step = 7 * MAX_BATCH
+        commands = [(*head, *args[i : i + step]) for i in range(0, len(args), step)]
+        await self._run(commands, retry=True)
+
+    # -- consuming -----------------------------------------------------------------------
+
+    async def fetch(self, queues: Sequence[str], max_count: int, timeout: float) -> list[Delivery]:
+        """Claim due messages in priority order; block on the server up to `timeout`."""
+        self.link  # noqa: B018 - raises if not started
+        names = list(dict.fromkeys(queues))
+        if max_count <= 0:
+            return []
+        if not names:
+            await asyncio.sleep(max(timeout, 0.0))
+            return []
+        # Not a task of its own: cancelling the caller cuts the claim short (its connection
+        # is dropped), and a claim that ran anyway is found by the next reconcile.
+        done = asyncio.get_running_loop().create_future()
+        self._fetches.add(done)
+        try:
+            return await self._fetch(names, min(max_count, MAX_BATCH), timeout)
+        except asyncio.CancelledError:
+            self._reconcile = True
+            raise
+        finally:
+            self._fetches.discard(done)
+            done.set_result(None)
+
+    async def _fetch(self, names: list[str], max_count: int, timeout: float) -> list[Delivery]:
+        if self._fetch_lock is None:
+            self._fetch_lock = asyncio.Lock()
+        async with self._fetch_lock:
+            if self._reconcile:
+                await self._do_reconcile()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + max(timeout, 0.0)
+            k, me = self.keys, self.consumer_id
+            keys = [k.consumers, k.inflight(me), k.bodies, k.counts]
+            for q in names:
+                keys += (k.ready(q), k.delayed(q), k.wake(q))
+            claim = CLAIM.command(keys, [me, max_count, *names])
+            blpop_keys = [k.wake(q) for q in names] + [k.wakeup(me)]
+            self._registered = True
+            reply = (await self._claim([claim]))[0]
+            if self._heartbeat is None and not self._stopping:
+                self._heartbeat = _HeartbeatThread(self)
+                self._heartbeat.start()
+            while True:
+                if reply[0] == 0:
+                    return self._deliveries(reply, names)
+                remaining = deadline - loop.time()
+                if remaining <= 0 or self._stopping:
+                    return []
+                wait = remaining if reply[0] < 0 else min(remaining, reply[0] / 1000)
+                wait = max(wait, 0.001)
+                replies = await self._claim(
+                    [("BLPOP", *blpop_keys, f"{wait:.3f}"), claim],
+                    read_timeout=wait + BLOCKING_READ_MARGIN_SECONDS,
+                )
+                reply = replies[-1]
+
+    async def _claim(
+        self, commands: list[tuple[Any, ...]], read_timeout: float | None = None
+    ) -> list[Any]:
+        try:
+            replies = await self.link.run(commands, retry=False, read_timeout=read_timeout)
+        except RedisError as exc:
+            # The claim may have run with its reply lost: reconcile before the next one.
+            self._reconcile = True
+            raise self._error(exc) from exc
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise self._error(reply)
+        return replies
+
+    def _deliveries(self, reply: list[Any], names: list[str]) -> list[Delivery]:
+        out: list[Delivery] = []
+        held = self._held
+        for j in range(1, len(reply), 5):
+            mid = reply[j]
+            held.add(mid)
+            out.append(
+                Delivery(
+                    reply[j + 4],
+                    mid,
+                    names[reply[j + 2] - 1],
+                    _priority(reply[j + 1]),
+                    int(mid[:16]) / 1_000_000,
+                    reply[j + 3],
+                )
+            )
+        return out
+
+    async def _do_reconcile(self) -> None:
+        k, me = self.keys, self.consumer_id
+        mids = await self._call("HKEYS", k.inflight(me))
+        orphans = [m for m in mids if m not in self._held]
+        if orphans:
+            log.warning("giving back %d claims whose reply was lost", len(orphans))
+            for part in _chunks(orphans):
+                await self._eval(RELEASE, [k.inflight(me), k.counts], [k.prefix, *part])
+        self._reconcile = False
+
+    async def heartbeat(self) -> None:
+        """Refresh this consumer's heartbeat (the heartbeat thread does it on its own)."""
+        if self._registered:
+            await self._eval(BEAT, [self.keys.consumers], [self.consumer_id])
+
+    # -- settling ------------------------------------------------------------------------
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Forget finished messages (one script call per 1000)."""
+        if not deliveries:
+            return
+        k, me = self.keys, self.consumer_id
+        held = self._held
+        commands = []
+        for part in _chunks(deliveries):
+            args: list[Any] = [k.prefix]
+            for d in part:
+                held.discard(d.receipt)
+                args += (d.receipt, d.queue)
+            commands.append(ACK.command([k.inflight(me), k.bodies, k.counts], args))
+        await self._run(commands, retry=True)
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Give unstarted messages back as if never delivered."""
+        if not deliveries:
+            return
+        k, me = self.keys, self.consumer_id
+        commands = []
+        for part in _chunks(deliveries):
+            for d in part:
+                self._held.discard(d.receipt)
+            commands.append(
+                RELEASE.command([k.inflight(me), k.counts], [k.prefix, *(d.receipt for d in part)])
+            )
+        await self._run(commands, retry=True)
+
+    async def requeue(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
+        """Swap each claimed message for the next attempt's, atomically, in one call."""
+        if not items:
+            return
+        k, me = self.keys, self.consumer_id
+        now = time.time()
+        commands = []
+        for part in _chunks(items):
+            args: list[Any] = [k.prefix]
+            for d, e in part:
+                self._held.discard(d.receipt)
+                delay = "" if e.eta is None or e.eta <= now else repr(e.eta - now)
+                args += (d.receipt, d.queue, e.queue, e.priority, message_id(e), delay, e.body)
+            commands.append(REQUEUE.command([k.inflight(me), k.bodies, k.counts], args))
+        await self._run(commands, retry=True)
+
+    async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
+        """Ready + delayed + claimed messages per queue."""
+        names = list(dict.fromkeys(queues))
+        if not names:
+            return {}
+        sizes = await self._eval(SIZES, [self.keys.consumers], [self.keys.prefix, *names])
+        return {q: int(n) for q, n in zip(names, sizes, strict=True)}
+
+    async def sweep(self) -> int:
+        """Give back the claims of lost consumers now; how many messages (tests, tools)."""
+        k = self.keys
+        reply = await self._eval(
+            SWEEP, [k.consumers, k.counts], [k.prefix, self.config.worker_lost_after_seconds]
+        )
+        return int(reply[1])
+
+
+def _priority(score: bytes) -> int:
+    # Redis prints a score as an integer up to 2**53 and in exponent form beyond.
+    try:
+        return int(score)
+    except ValueError:
+        return int(float(score))
+
+
+def _chunks(seq: Sequence[Any], size: int = MAX_BATCH) -> list[Sequence[Any]]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+class _HeartbeatThread:
+    """Keeps one consumer's heartbeat fresh and sweeps lost consumers, off the event loop."""
+
+    def __init__(self, broker: RedisBroker) -> None:
+        link = broker.link
+        self.link = link
+        self.node_url = link.node_url
+        self.keys = broker.keys
+        self.consumer_id = broker.consumer_id
+        config = broker.config
+        self.interval = config.heartbeat_interval_seconds
+        self.sweep_interval = config.sweep_interval_seconds
+        self.lost_after = config.worker_lost_after_seconds
+        # A reply later than this is a failure; the beat after it tries a fresh connection.
+        self.socket_timeout = max(0.5, min(self.interval, 2.0))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._main, name=f"qtasks-heartbeat:{self.consumer_id}", daemon=True
+        )
+
+    def start(self) -> None:
+        """Begin beating in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating and wait for the thread to end (at most one command's timeout)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _eval(self, client: redis.Redis, s: Script, keys: list[str], args: list[Any]) -> Any:
+        run: Any = client.execute_command  # untyped in redis-py
+        try:
+            return run(*s.command(keys, args))
+        except NoScriptError:
+            run("SCRIPT", "LOAD", s.source)
+            return run(*s.command(keys, args))
+
+    def _main(self) -> None:
+        client: redis.Redis | None = None
+        k, me = self.keys, self.consumer_id
+        next_beat = next_sweep = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                beat_due, sweep_due = now >= next_beat, now >= next_sweep
+                # Reschedule first, so a failure waits for the next turn instead of spinning.
+                if beat_due:
+                    next_beat = now + self.interval
+                if sweep_due:
+                    next_sweep = now + self.sweep_interval
+                try:
+                    if client is None:
+                        client = self.link.sync_client(self.socket_timeout, self.node_url)
+                    if beat_due:
+                        self._eval(client, BEAT, [k.consumers], [me])
+                    if sweep_due:
+                        dead, freed = self._eval(
+                            client, SWEEP, [k.consumers, k.counts], [k.prefix, self.lost_after]
+                        )
+                        if dead:
+                            log.warning(
+                                "%d lost consumers: %d of their messages are deliverable again",
+                                dead,
+                                freed,
+                            )
+                except Exception as exc:
+                    # Keep going whatever happened: a dead heartbeat thread would get this
+                    # live worker's tasks swept and run twice.
+                    if isinstance(exc, MovedError):  # Cluster failover or resharding
+                        self.node_url = with_host(self.node_url, exc.host, int(exc.port))
+                    else:
+                        log.warning("Redis heartbeat to %s failed: %r", self.link.redacted, exc)
+                    if client is not None:
+                        with contextlib.suppress(Exception):
+                            client.close()
+                    client = None
+                    if isinstance(exc, MovedError):
+                        next_beat = next_sweep = time.monotonic()  # again, on the new node
+                        continue
+                self._stop.wait(max(0.0, min(next_beat, next_sweep) - time.monotonic()))
+        finally:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()

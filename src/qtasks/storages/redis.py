@@ -1,0 +1,286 @@
+"""The Redis storage: task records with a result TTL, waiters woken by pub/sub.
+
+Why it works this way:
+
+* A record is one string key (`qtasks:{<app>}:task:<uuid>`) holding the whole `Task` as
+  msgspec JSON: one GET and one decode to read it, one SET to write it, and the worker
+  always writes whole records. (A hash per record would need a field per attribute,
+  each encoded on its own, for no partial update anyone makes.) Final records are written
+  with `PX` = what is left of `result_ttl_seconds` after `finished_at`, so Redis expires
+  them; records still running never expire.
+* `save` is one script call for the whole batch: it SETs every record and PUBLISHes each
+  final one on the task's own channel `qtasks:{<app>}:done:<uuid>` (SPUBLISH on a
+  Cluster), the encoded record as the message. Nobody listening costs Redis a dictionary
+  lookup.
+* `wait` registers a future, subscribes to the task's channel and waits for the server's
+  confirmation, THEN reads the record: a final write between the two is either read or
+  published to us, never missed, and nothing polls. The published record wakes the waiter
+  with no further read. One subscriber connection per link serves every waiter of the
+  process; after a reconnect each waiter re-reads its record once. Writers in this process
+  also wake waiters directly.
+* State (`qtasks.plugins.AsyncState`) is one hash per state (`...:state:<name>`, key →
+  JSON); every State method is one command or script, so atomic across processes.
+  `state_incr` adds in Redis (HINCRBY for integers, exact to 64 bits; a script for
+  floats); locks are `SET NX PX` keys released by a compare-and-delete script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from qtasks._redis import DEFAULT_NAMESPACE, DEFAULT_URL, RedisComponent, script
+from qtasks._waiters import Waiters
+from qtasks.errors import EncodeError, StorageError
+from qtasks.interfaces import Storage
+from qtasks.message import Task
+from qtasks.plugins.state import add_number, encode_value
+
+if TYPE_CHECKING:
+    from qtasks.config import QueueConfig
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Task)
+
+SAVE = script(
+    "save",
+    """
+-- KEYS[1] the first record's key (routing); ARGV[1] record key prefix, ARGV[2] channel
+-- prefix, ARGV[3] PUBLISH or SPUBLISH, then 3 per record: uuid, expiry ('' = not final,
+-- '0' = final and kept, else milliseconds to live), record
+for i = 4, #ARGV, 3 do
+  local key, ttl = ARGV[1] .. ARGV[i], ARGV[i + 1]
+  if ttl == '' or ttl == '0' then
+    redis.call('SET', key, ARGV[i + 2])
+  else
+    redis.call('SET', key, ARGV[i + 2], 'PX', ttl)
+  end
+  if ttl ~= '' then redis.call(ARGV[3], ARGV[2] .. ARGV[i], ARGV[i + 2]) end
+end
+return 1
+""",
+)
+
+
+INCR = script(
+    "state_incr",
+    """
+-- KEYS[1] the state hash; ARGV[1] key, ARGV[2] amount, ARGV[3] '1' if the amount is an int.
+-- Returns {'int', n}, {'float', text} or {'nan', current value} (not a number: TypeError).
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or '0'
+if ARGV[3] == '1' and string.match(cur, '^%-?%d+$') then
+  return {'int', redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])}
+end
+if not string.match(cur, '^%-?%d+%.?%d*[eE]?[-+]?%d*$') then return {'nan', cur} end
+local text = string.format('%.17g', tonumber(cur) + tonumber(ARGV[2]))
+if not string.find(text, '[.eEn]') then text = text .. '.0' end
+redis.call('HSET', KEYS[1], ARGV[1], text)
+return {'float', text}
+""",
+)
+
+RELEASE_LOCK = script(
+    "state_release_lock",
+    """
+-- KEYS[1] the lock; ARGV[1] the token that must hold it
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""",
+)
+
+
+class RedisStorage(RedisComponent, Storage):
+    """The storage of `redis://`, `rediss://` and `unix://` URLs; see the module docstring."""
+
+    error_class = StorageError
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        config: QueueConfig | None = None,
+    ) -> None:
+        super().__init__(url, namespace=namespace, config=config)
+        self._waiters = Waiters()
+        self._rereads: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Connect and join this process's waiters for the app."""
+        await super().start()
+        self._waiters = self.link.shared("waiters", self.namespace, Waiters)
+
+    async def stop(self) -> None:
+        """Disconnect (re-reads after a reconnect are awaited first)."""
+        if self._rereads:
+            await asyncio.gather(*self._rereads, return_exceptions=True)
+        await super().stop()
+
+    def encode_records(self, tasks: Sequence[Task]) -> list[tuple[str, bytes]]:
+        """(uuid, encoded record) pairs; EncodeError names the task that cannot be stored."""
+        out = []
+        for task in tasks:
+            try:
+                out.append((str(task.uuid), _encoder.encode(task)))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise EncodeError(f"task {task.uuid} cannot be stored: {exc}") from exc
+        return out
+
+    async def add(self, tasks: Sequence[Task]) -> None:
+        """Store new records (one MSET; a record with the same uuid is replaced)."""
+        if not tasks:
+            return
+        prefix = self.keys.record_prefix
+        args: list[str | bytes] = []
+        for uuid, record in self.encode_records(tasks):
+            args += (prefix + uuid, record)
+        await self._call("MSET", *args)
+
+    async def save(self, tasks: Sequence[Task]) -> None:
+        """Write records, publish the final ones (one script call), wake local waiters."""
+        if not tasks:
+            return
+        ttl = self.config.result_ttl_seconds
+        now = time.time()
+        k = self.keys
+        publish = "SPUBLISH" if self.link.cluster else "PUBLISH"
+        args: list[str | bytes] = [k.record_prefix, k.done_prefix, publish]
+        for task, (uuid, record) in zip(tasks, self.encode_records(tasks), strict=True):
+            if not task.is_final:
+                expiry = ""
+            elif ttl is None:
+                expiry = "0"
+            else:
+                expiry = str(max(1, int(((task.finished_at or now) + ttl - now) * 1000)))
+            args += (uuid, expiry, record)
+        await self._eval(SAVE, [k.record(str(tasks[0].uuid))], args)
+        self._waiters.notify(tasks)
+
+    async def get(self, uuid: str) -> Task | None:
+        """The record, or None if unknown or expired."""
+        raw = await self._call("GET", self.keys.record(str(uuid)))
+        return None if raw is None else self._decode(raw, uuid)
+
+    def _decode(self, raw: bytes, uuid: str) -> Task:
+        try:
+            return _decoder.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise StorageError(f"record {uuid} in {self!r} is corrupt: {exc}") from exc
+
+    async def wait(self, uuid: str, timeout: float) -> Task | None:
+        """The final record, or None after `timeout`; see the module docstring for how."""
+        uuid = str(uuid)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        waiters = self._waiters
+        fut = waiters.register(uuid)
+        channel = self.keys.done(uuid)
+        subscriber = self.link.subscriber
+
+        def on_message(payload: bytes | None) -> None:
+            if payload is None:  # reconnected: a publish may have been missed
+                task = asyncio.ensure_future(self._reread(uuid))
+                self._rereads.add(task)
+                task.add_done_callback(self._rereads.discard)
+                return
+            try:
+                record = _decoder.decode(payload)
+            except msgspec.DecodeError:
+                return
+            waiters.notify((record,))
+
+        try:
+            confirmed = subscriber.subscribe(channel, on_message)
+            if confirmed is not None:
+                # Unconfirmed after `timeout` (Redis unreachable): the read below decides.
+                await asyncio.wait((confirmed,), timeout=max(timeout, 0.0))
+            current = await self.get(uuid)
+            if current is not None and current.is_final:
+                return current
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                done, _ = await asyncio.wait((fut,), timeout=remaining)
+                if done:
+                    return fut.result()
+            return None
+        finally:
+            waiters.discard(uuid, fut)
+            subscriber.unsubscribe(channel, on_message)
+
+    async def _reread(self, uuid: str) -> None:
+        try:
+            current = await self.get(uuid)
+        except StorageError:
+            return  # the next reconnect re-reads again
+        if current is not None and current.is_final:
+            self._waiters.notify((current,))
+
+    async def remove(self, uuids: Sequence[str]) -> None:
+        """Delete records."""
+        if uuids:
+            await self._call("DEL", *(self.keys.record(str(u)) for u in uuids))
+
+    # -- State ---------------------------------------------------------------------------
+
+    def _state(self, name: str) -> str:
+        return f"{self.keys.prefix}state:{name}"
+
+    async def state_get(self, name: str, key: str, default: Any = None) -> Any:
+        """The value under key of state `name`, or default."""
+        raw = await self._call("HGET", self._state(name), key)
+        return default if raw is None else msgspec.json.decode(raw)
+
+    async def state_get_all(self, name: str) -> dict[str, Any]:
+        """Every key and value of state `name` (one HGETALL: a consistent snapshot)."""
+        flat = await self._call("HGETALL", self._state(name))
+        pairs = {flat[i].decode(): msgspec.json.decode(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return dict(sorted(pairs.items()))
+
+    async def state_update(self, name: str, values: Mapping[str, Any]) -> None:
+        """Set several keys in one HSET (all or none)."""
+        args: list[Any] = []
+        for key, value in values.items():
+            args += (key, encode_value(value))
+        if args:
+            await self._call("HSET", self._state(name), *args)
+
+    async def state_delete(self, name: str, keys: Sequence[str] | None = None) -> None:
+        """Delete keys (the whole state when None) in one command."""
+        if keys is None:
+            await self._call("DEL", self._state(name))
+        elif keys:
+            await self._call("HDEL", self._state(name), *keys)
+
+    async def state_incr(self, name: str, key: str, amount: int | float = 1) -> int | float:
+        """Add `amount` in Redis, atomically; the new value."""
+        add_number(name, key, 0, amount)  # TypeError for a non-number amount
+        is_int = not isinstance(amount, float)
+        kind, value = await self._eval(
+            INCR, [self._state(name)], [key, repr(amount), "1" if is_int else "0"]
+        )
+        if kind == b"int":
+            return int(value)
+        if kind == b"float":
+            return float(value)
+        current = msgspec.json.decode(value)
+        result: int | float = add_number(name, key, current, amount)  # raises TypeError
+        return result  # pragma: no cover - a number the pattern missed (e.g. 1e5 as int)
+
+    async def state_acquire_lock(
+        self, name: str, key: str, token: str, expire_seconds: float
+    ) -> bool:
+        """SET NX PX: taken if free (an expired lock is gone already)."""
+        ms = max(1, int(expire_seconds * 1000))
+        reply = await self._call("SET", self._lock(name, key), token, "NX", "PX", ms)
+        return reply is not None
+
+    async def state_release_lock(self, name: str, key: str, token: str) -> bool:
+        """Free the lock if `token` still holds it (compare-and-delete in one script)."""
+        return bool(await self._eval(RELEASE_LOCK, [self._lock(name, key)], [token]))
+
+    def _lock(self, name: str, key: str) -> str:
+        return f"{self.keys.prefix}lock:{name}:{key}"

@@ -1,0 +1,350 @@
+"""The RabbitMQ broker against a real server: a worker end to end, faults, and its mapping rules.
+
+The broker-only rules every broker shares are in tests/contract/; here is what is
+RabbitMQ's own: priorities mapped onto x-max-priority, delay buckets, prefetch, lost
+connections, and the app refusing to run it without a result storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from qtasks import ConfigurationError, QueueConfig, TaskStatusEnum
+from qtasks.asyncio import QueueTasks
+from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
+from qtasks.brokers.rabbitmq import RabbitMQBroker, amqp_priority
+from qtasks.errors import Retry
+from qtasks.global_configs.sqlite import SqliteGlobalConfig
+from qtasks.message import Envelope
+from qtasks.runtime.worker import Worker
+from qtasks.storages.sqlite import SqliteStorage
+
+from ..servers import RABBITMQ_URL, require_server
+
+FAST = {
+    "heartbeat_interval_seconds": 0.2,
+    "sweep_interval_seconds": 0.2,
+    "worker_lost_after_seconds": 2.0,
+    "poll_interval_seconds": 0.01,
+}
+
+
+def drop_connection(broker: RabbitMQBroker) -> None:
+    """Cut the broker's socket without an AMQP goodbye (a network failure, a dead peer)."""
+    session = broker._session
+    assert session is not None
+    assert session.connection.transport is not None
+    amqp = session.connection.transport.connection
+    amqp._reader_task.cancel()  # type: ignore[attr-defined]
+    amqp._writer_task.cancel()  # type: ignore[attr-defined]
+
+
+# -- rules that need no server ---------------------------------------------------------------
+
+
+def test_priority_mapping_is_lower_first_and_clamped() -> None:
+    # qtasks runs lower numbers first; RabbitMQ serves higher ones first.
+    assert [amqp_priority(p, 10) for p in (-7, -5, -1, 0, 1, 5, 9)] == [10, 10, 6, 5, 4, 0, 0]
+    ranks = [amqp_priority(p, 10) for p in range(-5, 6)]
+    assert ranks == sorted(ranks, reverse=True)
+    assert len(set(ranks)) == 11, "-5..5 are distinct levels with the default max_priority"
+    assert amqp_priority(0, 255) == 127
+
+
+def test_delay_buckets_never_deliver_early() -> None:
+    assert bucket_for(0) is None
+    assert bucket_for(-1) is None
+    assert bucket_for(0.0004) == 0  # rounded up to the 1 ms bucket
+    for seconds in (0.001, 0.3, 1.0, 7.5, 3600.0, 86_400.0 * 30):
+        level = bucket_for(seconds)
+        assert level is not None
+        assert bucket_wait_ms(level) <= seconds * 1000
+        if level < BUCKET_LEVELS - 1:
+            assert bucket_wait_ms(level + 1) > seconds * 1000
+    assert bucket_for(86_400.0 * 30) == BUCKET_LEVELS - 1
+
+
+def test_url_parameters() -> None:
+    broker = RabbitMQBroker.from_url(
+        "amqps://u:secret@host:5671/vh?max_priority=20&heartbeat=30&connect_timeout=2",
+        namespace="ns",
+        config=QueueConfig(),
+    )
+    assert broker.max_priority == 20
+    assert broker.connect_timeout_seconds == 2.0
+    assert broker.url == "amqps://u:secret@host:5671/vh?heartbeat=30"
+    with pytest.raises(ConfigurationError, match="max_priority"):
+        RabbitMQBroker.from_url("amqp://h/?max_priority=0", namespace="ns", config=QueueConfig())
+    with pytest.raises(ConfigurationError, match="bad parameter"):
+        RabbitMQBroker.from_url("amqp://h/?max_priority=x", namespace="ns", config=QueueConfig())
+
+
+def test_the_app_wants_a_result_storage(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="storage_url=") as info:
+        QueueTasks("x", broker_url="amqp://guest:secret@localhost/")
+    assert "secret" not in str(info.value)
+    assert "redis://" in str(info.value)
+    assert "sqlite:///" in str(info.value)
+    app = QueueTasks(
+        "x", broker_url="amqp://localhost/", storage_url=f"sqlite:///{tmp_path / 'r.db'}"
+    )
+    assert isinstance(app.broker, RabbitMQBroker)
+    assert isinstance(app.storage, SqliteStorage)
+    assert isinstance(app.global_config, SqliteGlobalConfig), "global config follows storage"
+
+
+# -- against the server ----------------------------------------------------------------------
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    parts = urlsplit(RABBITMQ_URL)
+    require_server("RabbitMQ", parts.hostname or "127.0.0.1", parts.port or 5672)
+    return RABBITMQ_URL
+
+
+MakeApp = Callable[..., QueueTasks]
+
+
+@pytest.fixture
+async def make_app(tmp_path: Path, rabbitmq_url: str) -> AsyncIterator[MakeApp]:
+    """Apps on RabbitMQ (a fresh namespace each) with SQLite results; queues deleted after."""
+    apps: list[QueueTasks] = []
+
+    def build(**config: Any) -> QueueTasks:
+        name = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+        app = QueueTasks(
+            name,
+            broker_url=rabbitmq_url,
+            storage_url=f"sqlite:///{tmp_path / (name + '.sqlite3')}",
+            config=QueueConfig(**{**FAST, **config}),
+        )
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        await app.stop()
+        janitor = RabbitMQBroker.from_url(rabbitmq_url, namespace=app.name, config=QueueConfig())
+        await janitor.start()
+        broker = app.broker
+        assert isinstance(broker, RabbitMQBroker)
+        await janitor.delete_queues(sorted(broker.declared_queues | {"default"}))
+        await janitor.stop()
+
+
+async def test_a_worker_runs_priorities_retries_delays_and_survives_poison(
+    make_app: MakeApp,
+) -> None:
+    app = make_app(max_tasks_process=1, prefetch=0, default_retry_backoff_seconds=0.1)
+    order: list[str] = []
+    attempts: collections.Counter[str] = collections.Counter()
+
+    @app.task
+    async def record(label: str) -> str:
+        order.append(label)
+        return label
+
+    @app.task(retry=3, retry_backoff=0.2)
+    async def flaky(label: str) -> str:
+        attempts[label] += 1
+        if attempts[label] < 3:
+            raise Retry("not yet")
+        return f"{label} after {attempts[label]}"
+
+    await app.start()
+    low = [await app.add_task("record", f"low{i}", priority=5) for i in range(5)]
+    urgent = await app.add_task("record", "urgent", priority=-3)
+    retried = await app.add_task("flaky", "f")
+    later = await app.add_task("record", "later", delay=0.6)
+    await app.broker.publish([Envelope(str(uuid.uuid4()), "default", 0, None, 0.0, b"\xff{no")])
+    assert urgent is not None
+    assert retried is not None
+    assert later is not None
+
+    worker = Worker()
+    await worker.start(app)
+    try:
+        done = await app.wait(urgent.uuid, timeout=10)
+        assert done.returning == "urgent"
+        final = await app.wait(retried.uuid, timeout=10)
+        assert final.status == TaskStatusEnum.SUCCESS
+        assert final.returning == "f after 3"
+        assert final.attempts == 3
+        late = await app.wait(later.uuid, timeout=10)
+        assert late.started_at is not None
+        assert later.eta is not None
+        assert late.started_at >= later.eta, "a delayed task never starts early"
+        assert late.started_at < later.eta + 1.0
+        for record in low:
+            assert record is not None
+            assert (await app.wait(record.uuid, timeout=10)).status == TaskStatusEnum.SUCCESS
+    finally:
+        await worker.stop(grace_seconds=5)
+    # One slot and no prefetch: RabbitMQ hands out its highest level first.
+    assert order.index("urgent") == 0, order
+    assert order[1:6] == [f"low{i}" for i in range(5)], "equal priorities in publish order"
+
+
+async def test_poison_message_is_recorded_and_the_worker_goes_on(make_app: MakeApp) -> None:
+    app = make_app()
+
+    @app.task
+    async def echo(x: int) -> int:
+        return x
+
+    await app.start()
+    bad = str(uuid.uuid4())
+    await app.broker.publish([Envelope(bad, "default", 0, None, time.time(), b"\x00\xffjunk")])
+    good = await app.add_task("echo", 7)
+    assert good is not None
+    worker = Worker()
+    await worker.start(app)
+    try:
+        assert (await app.wait(good.uuid, timeout=10)).returning == 7
+        assert await app.broker.queue_sizes(["default"]) == {"default": 0}
+    finally:
+        await worker.stop(grace_seconds=5)
+
+
+async def test_prefetch_follows_the_workers_room(make_app: MakeApp) -> None:
+    app = make_app(max_tasks_process=3, prefetch=2)
+
+    @app.task
+    async def nap() -> None:
+        await asyncio.sleep(0.2)
+
+    await app.start()
+    for _ in range(20):
+        await app.add_task("nap")
+    worker = Worker()
+    await worker.start(app)
+    try:
+        await asyncio.sleep(0.3)
+        broker = app.broker
+        assert isinstance(broker, RabbitMQBroker)
+        session = broker._session
+        assert session is not None
+        assert session.prefetch == 3 + 2, "concurrency + prefetch, no more"
+        assert sum(session.held.values()) <= 5
+    finally:
+        await worker.stop(grace_seconds=5)
+
+
+async def test_a_lost_connection_loses_nothing(make_app: MakeApp) -> None:
+    app = make_app(max_tasks_process=4)
+    runs: collections.Counter[int] = collections.Counter()
+
+    @app.task
+    async def work(i: int) -> int:
+        runs[i] += 1
+        await asyncio.sleep(0.02)
+        return i
+
+    await app.start()
+    records = [await app.add_task("work", i) for i in range(60)]
+    worker = Worker()
+    await worker.start(app)
+    try:
+        while len(runs) < 15:
+            await asyncio.sleep(0.01)
+        broker = app.broker
+        assert isinstance(broker, RabbitMQBroker)
+        drop_connection(broker)
+        for i, record in enumerate(records):
+            assert record is not None
+            final = await app.wait(record.uuid, timeout=30)
+            assert final.status == TaskStatusEnum.SUCCESS
+            assert final.returning == i
+    finally:
+        await worker.stop(grace_seconds=5)
+    assert set(runs) == set(range(60)), "nothing lost"
+    # Only tasks in flight at the cut may run twice (their acks were not sent).
+    assert sum(runs.values()) - 60 <= 4 + QueueConfig().resolved_prefetch()
+    assert await app.broker.queue_sizes(["default"]) == {"default": 0}
+
+
+async def test_a_redelivered_message_counts_its_earlier_delivery(rabbitmq_url: str) -> None:
+    namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+    first = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    second = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    await first.start()
+    await second.start()
+    try:
+        await first.publish([Envelope(str(uuid.uuid4()), "q", 0, None, time.time(), b"x")])
+        (taken,) = await first.fetch(["q"], 1, 5.0)
+        assert taken.delivery_count == 1
+        drop_connection(first)
+        (again,) = await second.fetch(["q"], 1, 5.0)
+        assert again.body == b"x"
+        assert again.delivery_count == 2
+        await first.ack([taken])  # stale: skipped, never sent on a new channel
+        await second.ack([again])
+        assert await second.fetch(["q"], 1, 0.2) == []
+    finally:
+        await second.delete_queues(["q"])
+        await first.stop()
+        await second.stop()
+
+
+async def test_another_max_priority_is_a_clear_error(rabbitmq_url: str) -> None:
+    namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+    ten = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    five = RabbitMQBroker.from_url(
+        rabbitmq_url + "?max_priority=5", namespace=namespace, config=QueueConfig()
+    )
+    await ten.start()
+    await five.start()
+    try:
+        await ten.publish([Envelope(str(uuid.uuid4()), "q", 0, None, time.time(), b"x")])
+        with pytest.raises(ConfigurationError, match="x-max-priority=5"):
+            await five.publish([Envelope(str(uuid.uuid4()), "q", 0, None, time.time(), b"y")])
+        # The failed declaration cost that broker its connection; it comes back by itself.
+        assert await five.fetch(["other"], 1, 0.1) == []
+    finally:
+        await ten.delete_queues(["q"])
+        await five.delete_queues(["other"])
+        await ten.stop()
+        await five.stop()
+
+
+async def test_unreachable_server_is_a_broker_error_after_backoff() -> None:
+    broker = RabbitMQBroker(
+        "amqp://guest:guest@127.0.0.1:1/", namespace="x", connect_timeout_seconds=0.5
+    )
+    started = time.monotonic()
+    with pytest.raises(Exception, match="cannot connect to RabbitMQ") as info:
+        await broker.start()
+    assert type(info.value).__name__ == "BrokerError"
+    assert time.monotonic() - started < 3.0
+
+
+async def test_a_deleted_queue_is_consumed_again(rabbitmq_url: str) -> None:
+    namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+    broker = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    janitor = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    await broker.start()
+    await janitor.start()
+    try:
+        assert await broker.fetch(["q"], 1, 0.1) == []  # consuming now
+        await janitor.delete_queues(["q"])  # RabbitMQ cancels the consumer
+        await asyncio.sleep(0.1)
+        await janitor.publish([Envelope(str(uuid.uuid4()), "q", 0, None, time.time(), b"back")])
+        (got,) = await broker.fetch(["q"], 1, 5.0)
+        assert got.body == b"back"
+        await broker.ack([got])
+    finally:
+        await janitor.delete_queues(["q"])
+        await broker.stop()
+        await janitor.stop()
