@@ -37,3 +37,25 @@ def require_server(name: str, host: str, port: int) -> None:
     if in_ci():
         pytest.fail(f"{message}; CI must provide it (see .ci/run)")
     pytest.skip(message)
+
+
+async def delete_namespace(url: str, namespace: str) -> int:
+    """Delete every key of one qtasks namespace (on a Cluster too); how many there were."""
+    import redis.asyncio
+
+    from qtasks._redis import parse_url
+
+    target = parse_url(url)
+    client: redis.asyncio.Redis | redis.asyncio.RedisCluster
+    if target.cluster:
+        client = redis.asyncio.RedisCluster.from_url(target.connect_url)
+    else:
+        client = redis.asyncio.Redis.from_url(target.connect_url)
+    try:
+        pattern = f"qtasks:{{{namespace}}}:*"
+        keys = [k async for k in client.scan_iter(match=pattern, count=1000)]
+        for i in range(0, len(keys), 500):
+            await client.delete(*keys[i : i + 500])  # one hash slot: fine on a Cluster
+        return len(keys)
+    finally:
+        await client.aclose()
