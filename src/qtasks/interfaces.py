@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qtasks.errors import StateNotSupported
-from qtasks.message import Envelope, Task
+from qtasks.message import Envelope, Task, TaskStatusEnum
 
 
 @dataclasses.dataclass(slots=True)
@@ -30,6 +30,25 @@ class Delivery:
     created_at: float
     delivery_count: int = 1
     """How many times this message was handed out, this time included."""
+
+
+@dataclasses.dataclass(slots=True)
+class QueueStats:
+    """Depth of one queue; a field is None when the broker cannot tell it apart."""
+
+    queue: str
+    total: int
+    """Messages waiting or in flight (what `queue_sizes` reports)."""
+    ready: int | None = None
+    """Due and not claimed."""
+    delayed: int | None = None
+    """Waiting for their eta (scheduled tasks and retries)."""
+    in_flight: int | None = None
+    """Claimed by a worker and not yet acked."""
+    dead_lettered: int | None = None
+    """Given up on and set aside (brokers with a dead-letter queue)."""
+    by_priority: dict[int, int] | None = None
+    """Ready messages per priority."""
 
 
 class Broker(abc.ABC):
@@ -88,6 +107,25 @@ class Broker(abc.ABC):
         """Messages waiting or in flight per queue, for stats and tests."""
         return {}
 
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Depth of each queue, split as finely as this broker can (default: totals only)."""
+        sizes = await self.queue_sizes(queues)
+        return [QueueStats(queue=q, total=sizes.get(q, 0)) for q in queues]
+
+    async def discard(self, uuids: Sequence[str]) -> list[str]:
+        """Remove messages no worker has claimed yet; the uuids of those removed.
+
+        Used to cancel tasks that have not started. NotImplementedError if unsupported.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot remove queued messages")
+
+    async def purge(self, queues: Sequence[str]) -> list[str]:
+        """Drop every unclaimed message (ready or delayed) of `queues`; the uuids dropped.
+
+        Claimed messages stay with their workers. NotImplementedError if unsupported.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot purge queues")
+
 
 class Storage(abc.ABC):
     """Keeps task records; `save` of a final record wakes everyone waiting on it."""
@@ -116,6 +154,13 @@ class Storage(abc.ABC):
 
     async def remove(self, uuids: Sequence[str]) -> None:
         """Delete records (used when a publish failed after the record was added)."""
+
+    async def recent(self, status: TaskStatusEnum, limit: int) -> list[Task]:
+        """Up to `limit` records with `status`, most recently updated first (for stats).
+
+        NotImplementedError if this storage cannot list records.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list records by status")
 
     # -- State (qtasks.plugins.AsyncState): named key/value maps shared by every process --
     #

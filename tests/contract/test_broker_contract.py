@@ -172,10 +172,19 @@ async def test_claimed_not_given_to_another_consumer(broker: Broker, peer_broker
 async def test_concurrent_fetchers_never_share(broker: Broker, peer_broker: Broker) -> None:
     total = 1000
     await broker.publish([env(str(i)) for i in range(total)])
+    taken = 0
 
     async def consume(b: Broker, max_count: int) -> list[bytes]:
+        # Both keep fetching until everything was taken (or nothing came for a second):
+        # a consumer that stopped early could hold prefetched messages the other waits for.
+        nonlocal taken
         bodies: list[bytes] = []
-        while batch := await b.fetch(["q"], max_count, 0.05):
+        idle_since = time.monotonic()
+        while taken < total and time.monotonic() - idle_since < 1.0:
+            batch = await b.fetch(["q"], max_count, 0.05)
+            if batch:
+                idle_since = time.monotonic()
+            taken += len(batch)
             bodies += [d.body for d in batch]
             await b.ack(batch)
         return bodies

@@ -8,7 +8,9 @@ members, and each member only moves a committed offset forward. How qtasks maps 
   `<namespace>.<queue>.delay.<k>` (one partition each), created on first use. Every
   worker of an app is a member of ONE consumer group, `qtasks.<namespace>`, so each
   message goes to one member; members share the partitions, and Kafka moves them when
-  workers come and go.
+  workers come and go. A process joins the group at its first `fetch` (in the
+  background: a join takes seconds) or at `start` with `?queues=a,b`; processes that
+  only enqueue never join.
 * Priorities (separate topics per band, weighted). Priority < 0 goes to band 0, 0 to band
   1, > 0 to band 2 (`band_limits=(0, 1)`: where the next band starts). A fetch hands out
   lowest priority first among what it holds, except that each lower band with work
@@ -276,6 +278,7 @@ class KafkaBroker(Broker):
         self._last_arrival = 0.0
         self._commit_lock = asyncio.Lock()
         self._subscribe_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> KafkaBroker:
@@ -355,6 +358,7 @@ class KafkaBroker(Broker):
         self._assigned = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._subscribe_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap_servers,
             acks="all",
@@ -488,27 +492,41 @@ class KafkaBroker(Broker):
         await self._ensure_topics(item[0] for item in items)
         now = time.time()
         futures: list[Any] = []
-        for queue, priority, created, eta, body, deliveries, uuid in items:
-            level = None if eta is None else bucket_for(eta - now)
-            if level is None:
-                topic = self.band_topic(queue, self.band_of(priority))
-            else:
-                topic = self.delay_topic(queue, level)
-            headers = [
-                (_H_QUEUE, queue.encode()),
-                (_H_PRIORITY, str(priority).encode()),
-                (_H_CREATED, _us(created)),
-                (_H_DELIVERIES, str(deliveries).encode()),
-                (_H_UUID, uuid.encode()),
-            ]
-            if eta is not None:
-                headers.append((_H_ETA, _us(eta)))
-            try:
-                futures.append(await producer.send(topic, value=body, headers=headers))
-            except KafkaError as exc:
-                futures.append(_failed(exc))
+        # One caller at a time hands messages to the producer: when a batch is full,
+        # aiokafka's send waits for it, and thousands of concurrent add_task calls all
+        # waiting on the same batch wake together over and over.
+        async with self._send_lock:
+            for item in items:
+                futures.append(await self._send_one(producer, item, now))
         results = await asyncio.gather(*futures, return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in results]
+
+    async def _send_one(
+        self,
+        producer: Any,
+        item: tuple[str, int, float, float | None, bytes, int, str],
+        now: float,
+    ) -> Any:
+        """Queue one record in the producer; a future of the broker's answer."""
+        queue, priority, created, eta, body, deliveries, uuid = item
+        level = None if eta is None else bucket_for(eta - now)
+        if level is None:
+            topic = self.band_topic(queue, self.band_of(priority))
+        else:
+            topic = self.delay_topic(queue, level)
+        headers = [
+            (_H_QUEUE, queue.encode()),
+            (_H_PRIORITY, str(priority).encode()),
+            (_H_CREATED, _us(created)),
+            (_H_DELIVERIES, str(deliveries).encode()),
+            (_H_UUID, uuid.encode()),
+        ]
+        if eta is not None:
+            headers.append((_H_ETA, _us(eta)))
+        try:
+            return await producer.send(topic, value=body, headers=headers)
+        except KafkaError as exc:
+            return _failed(exc)
 
     # -- consuming ---------------------------------------------------------------------
 
@@ -839,6 +857,10 @@ class KafkaBroker(Broker):
         part = receipt.part
         return not part.lost and self._owned.get(part.tp) is part
 
+    # A partition in the middle of a rebalance (revoked, not yet known to come back) is
+    # neither owned nor lost: its offsets are still finished or dropped here, so that
+    # if it comes back its bookkeeping is right; only commits wait for the assignment.
+
     @staticmethod
     def _receipts(deliveries: Sequence[Delivery]) -> list[_Receipt]:
         receipts = [d.receipt for d in deliveries]
@@ -878,9 +900,12 @@ class KafkaBroker(Broker):
             if receipt.settled:
                 continue
             receipt.settled = True
+            part = receipt.part
+            if part.lost:
+                continue  # moved to another member, which runs it again (documented)
+            part.finish(receipt.offset)
             if self._owns(receipt):
-                receipt.part.finish(receipt.offset)
-                parts[id(receipt.part)] = receipt.part
+                parts[id(part)] = part
         await self._commit(list(parts.values()))
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
@@ -893,10 +918,15 @@ class KafkaBroker(Broker):
             receipt = d.receipt
             if not isinstance(receipt, _Receipt):
                 raise TypeError(f"not a Kafka delivery receipt: {receipt!r}")
-            if receipt.settled or not receipt.handed or not self._owns(receipt):
+            if receipt.settled or not receipt.handed or receipt.part.lost:
                 continue
             receipt.handed = False
-            self._buffers[receipt.band].appendleft(d)
+            if self._owns(receipt):
+                self._buffers[receipt.band].appendleft(d)
+            else:
+                # Mid-rebalance: forget it here; whoever gets the partition reads it again.
+                receipt.settled = True
+                receipt.part.drop(receipt.offset)
         self._arrived.set()
 
     async def requeue(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
@@ -905,10 +935,10 @@ class KafkaBroker(Broker):
         live = [
             (d, e)
             for (d, e), r in zip(items, receipts, strict=True)
-            if not r.settled and self._owns(r)
+            if not r.settled and not r.part.lost
         ]
         for r in receipts:
-            if not r.settled and not self._owns(r):
+            if not r.settled and r.part.lost:
                 r.settled = True  # the partition moved: its new owner runs the old attempt
         if not live:
             return

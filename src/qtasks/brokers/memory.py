@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from qtasks.interfaces import Broker, Delivery
+from qtasks.interfaces import Broker, Delivery, QueueStats
 from qtasks.message import Envelope
 
 if TYPE_CHECKING:
@@ -167,6 +167,54 @@ class MemoryBroker(Broker):
             if env.queue in sizes:
                 sizes[env.queue] += 1
         return sizes
+
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Ready (per priority), delayed and in-flight messages of each queue."""
+        out = {q: QueueStats(queue=q, total=0, ready=0, delayed=0, in_flight=0) for q in queues}
+        for q, stats in out.items():
+            by_priority: dict[int, int] = {}
+            for priority, *_ in self._ready.get(q, ()):
+                by_priority[priority] = by_priority.get(priority, 0) + 1
+            stats.by_priority = dict(sorted(by_priority.items()))
+            stats.ready = sum(by_priority.values())
+        for _, _, env, _ in self._delayed:
+            if env.queue in out:
+                out[env.queue].delayed = (out[env.queue].delayed or 0) + 1
+        for env, _ in self._in_flight.values():
+            if env.queue in out:
+                out[env.queue].in_flight = (out[env.queue].in_flight or 0) + 1
+        for stats in out.values():
+            stats.total = (stats.ready or 0) + (stats.delayed or 0) + (stats.in_flight or 0)
+        return list(out.values())
+
+    async def discard(self, uuids: Sequence[str]) -> list[str]:
+        """Remove unclaimed (ready or delayed) messages with these uuids."""
+        wanted = set(uuids)
+        removed: list[str] = []
+        for q, heap in self._ready.items():
+            keep = [entry for entry in heap if entry[3].uuid not in wanted]
+            if len(keep) != len(heap):
+                removed += [entry[3].uuid for entry in heap if entry[3].uuid in wanted]
+                heapq.heapify(keep)
+                self._ready[q] = keep
+        delayed = [entry for entry in self._delayed if entry[2].uuid not in wanted]
+        if len(delayed) != len(self._delayed):
+            removed += [entry[2].uuid for entry in self._delayed if entry[2].uuid in wanted]
+            heapq.heapify(delayed)
+            self._delayed = delayed
+        self._update_idle()
+        return removed
+
+    async def purge(self, queues: Sequence[str]) -> list[str]:
+        """Drop the ready and delayed messages of `queues`."""
+        names = set(queues)
+        dropped = [entry[3].uuid for q in names for entry in self._ready.pop(q, ())]
+        dropped += [entry[2].uuid for entry in self._delayed if entry[2].queue in names]
+        delayed = [entry for entry in self._delayed if entry[2].queue not in names]
+        heapq.heapify(delayed)
+        self._delayed = delayed
+        self._update_idle()
+        return dropped
 
     async def join(self, timeout: float | None = None) -> None:
         """Wait until no message is ready, delayed or in flight."""

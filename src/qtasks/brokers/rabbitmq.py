@@ -504,7 +504,11 @@ class RabbitMQBroker(Broker):
         settle = False
         while True:
             session = await self._live_session(max(deadline - loop.time(), 1.0))
-            settle = await self._subscribe(session, names, max_count) or settle
+            if await self._subscribe(session, names, max_count):
+                # Declaring and consuming took round trips: wait the full timeout for
+                # the pushes from here, not what is left of it.
+                settle = True
+                deadline = loop.time() + max(timeout, 0.0)
             if any(d.queue in names for d in self._buffer):
                 if settle:
                     await self._settle()

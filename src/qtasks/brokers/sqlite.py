@@ -45,7 +45,7 @@ from qtasks._sqlite import (
     placeholders,
 )
 from qtasks.errors import BrokerError, QTasksError
-from qtasks.interfaces import Broker, Delivery, Storage
+from qtasks.interfaces import Broker, Delivery, QueueStats, Storage
 from qtasks.message import Envelope, Task
 from qtasks.storages.sqlite import SqliteStorage
 
@@ -434,6 +434,82 @@ class SqliteBroker(SqliteComponent, Broker):
             return sizes
 
         return await self._run(count, write=False)
+
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Ready (per priority), delayed and claimed messages of each queue."""
+        ns = self.namespace
+        names = list(dict.fromkeys(queues))
+
+        def count(conn: sqlite3.Connection) -> list[QueueStats]:
+            out: list[QueueStats] = []
+            for q in names:
+                by_priority = {
+                    int(p): int(n)
+                    for p, n in conn.execute(
+                        "SELECT priority, COUNT(*) FROM qtasks_queue"
+                        " WHERE ns = ? AND queue = ? AND consumer IS NULL AND eta = 0"
+                        " GROUP BY priority ORDER BY priority",
+                        (ns, q),
+                    )
+                }
+                delayed = conn.execute(
+                    "SELECT COUNT(*) FROM qtasks_queue WHERE ns = ? AND queue = ? AND eta > 0",
+                    (ns, q),
+                ).fetchone()[0]
+                claimed = conn.execute(
+                    "SELECT COUNT(*) FROM qtasks_queue"
+                    " WHERE ns = ? AND consumer IS NOT NULL AND queue = ?",
+                    (ns, q),
+                ).fetchone()[0]
+                ready = sum(by_priority.values())
+                out.append(
+                    QueueStats(
+                        queue=q,
+                        total=ready + int(delayed) + int(claimed),
+                        ready=ready,
+                        delayed=int(delayed),
+                        in_flight=int(claimed),
+                        by_priority=by_priority,
+                    )
+                )
+            return out
+
+        return await self._run(count, write=False)
+
+    async def discard(self, uuids: Sequence[str]) -> list[str]:
+        """Delete unclaimed messages with these uuids in one transaction."""
+        ns = self.namespace
+        keys = list(dict.fromkeys(str(u) for u in uuids))
+
+        def delete(conn: sqlite3.Connection) -> list[str]:
+            removed: list[str] = []
+            for part in chunks(keys, 500):
+                # SELECT then DELETE in the job's one transaction (no RETURNING before 3.35).
+                where = f"WHERE ns = ? AND consumer IS NULL AND uuid IN ({placeholders(len(part))})"
+                removed += [
+                    str(row[0])
+                    for row in conn.execute(f"SELECT uuid FROM qtasks_queue {where}", (ns, *part))
+                ]
+                conn.execute(f"DELETE FROM qtasks_queue {where}", (ns, *part))
+            return removed
+
+        return await self._run(delete) if keys else []
+
+    async def purge(self, queues: Sequence[str]) -> list[str]:
+        """Delete the unclaimed messages of `queues` in one transaction."""
+        ns = self.namespace
+        names = list(dict.fromkeys(queues))
+
+        def delete(conn: sqlite3.Connection) -> list[str]:
+            dropped: list[str] = []
+            for q in names:
+                where = "WHERE ns = ? AND queue = ? AND consumer IS NULL"
+                sql = f"SELECT uuid FROM qtasks_queue {where}"
+                dropped += [str(row[0]) for row in conn.execute(sql, (ns, q))]
+                conn.execute(f"DELETE FROM qtasks_queue {where}", (ns, q))
+            return dropped
+
+        return await self._run(delete)
 
 
 def _stored_eta(eta: float | None, now: float) -> float:

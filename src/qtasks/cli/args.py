@@ -7,6 +7,9 @@ inverse of parsing, so a supervisor can start children with the same options.
 from __future__ import annotations
 
 import dataclasses
+import json as json_module
+from collections.abc import Sequence
+from typing import Any
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """Level names accepted by --log-level and `QueueConfig.logs_default_level`."""
@@ -61,3 +64,102 @@ def parse_log_level(text: str) -> str:
     if level not in LOG_LEVELS:
         raise ValueError(f"unknown log level {text!r}; use one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+INSPECT_TOPICS = ("app", "tasks", "task", "workers", "queues", "task_status", "failures")
+"""What `qtasks stats inspect` can show."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InspectArgs:
+    """`qtasks -A APP stats inspect TOPIC [NAMES...] [--json]`."""
+
+    app_path: str
+    topic: str
+    """One of INSPECT_TOPICS."""
+    names: tuple[str, ...] = ()
+    """Task names (tasks, task), queue names (queues), a uuid (task_status), a count (failures)."""
+    json: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AddArgs:
+    """`qtasks -A APP add NAME [ARGS...]`: enqueue one task from a shell."""
+
+    app_path: str
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    priority: int | None = None
+    queue: str | None = None
+    wait_seconds: float | None = None
+    """Wait this long for the result and print it; None returns at once."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskIdArgs:
+    """`qtasks -A APP cancel UUID` and `retry UUID`."""
+
+    app_path: str
+    uuid: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PurgeArgs:
+    """`qtasks -A APP purge [-Q A,B] --yes`."""
+
+    app_path: str
+    queues: tuple[str, ...] | None = None
+    """Queues to empty; None means every queue of the app's tasks and `default`."""
+
+
+def parse_inspect(app_path: str, topic: str, words: Sequence[str], json_flag: bool) -> InspectArgs:
+    """Topic and words of `stats inspect`, accepting QTasks's `json=True` among the words.
+
+    ValueError for a word or a count of words the topic does not take.
+    """
+    names: list[str] = []
+    json_output = json_flag
+    for word in words:
+        key, sep, value = word.partition("=")
+        if sep and key.strip().lower() == "json":
+            if value.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"expected json=True or json=False, got {word!r}")
+            json_output = json_output or value.strip().lower() in ("true", "1")
+        else:
+            names.append(word)
+    if topic not in INSPECT_TOPICS:
+        raise ValueError(f"unknown topic {topic!r}; use one of {', '.join(INSPECT_TOPICS)}")
+    if topic in ("app", "workers") and names:
+        raise ValueError(f"'{topic}' takes no names, got {' '.join(names)}")
+    if topic in ("task", "task_status") and len(names) != 1:
+        what = "task name" if topic == "task" else "task uuid"
+        raise ValueError(f"'{topic}' takes exactly one {what}")
+    bad_count = len(names) > 1 or (names and not (names[0].isdigit() and int(names[0]) > 0))
+    if topic == "failures" and bad_count:
+        raise ValueError("'failures' takes at most one positive count, e.g. failures 20")
+    return InspectArgs(app_path=app_path, topic=topic, names=tuple(names), json=json_output)
+
+
+def parse_json_values(values: Sequence[str]) -> tuple[Any, ...]:
+    """Each word as a JSON value; ValueError naming the first that is not one."""
+    out = []
+    for word in values:
+        try:
+            out.append(json_module.loads(word))
+        except ValueError:
+            raise ValueError(
+                f"argument {word!r} is not a JSON value; quote strings as JSON, e.g. '\"{word}\"'"
+            ) from None
+    return tuple(out)
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """`--kwargs` as a JSON object; ValueError otherwise."""
+    try:
+        value = json_module.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--kwargs is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--kwargs must be a JSON object, got {text!r}")
+    return value

@@ -7,11 +7,21 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from qtasks.cli.args import RunArgs, parse_log_level
+import click
+
+from qtasks.cli import operations
+from qtasks.cli.args import AddArgs, InspectArgs, PurgeArgs, RunArgs, TaskIdArgs, parse_log_level
 from qtasks.cli.loader import AppLoadError, ServableApp, load_app
-from qtasks.errors import ConfigurationError
+from qtasks.cli.operations import OperationError
+from qtasks.errors import ConfigurationError, QTasksError, UnknownTask
+from qtasks.message import TaskStatusEnum
 from qtasks.runtime.supervisor import supervise
+
+if TYPE_CHECKING:
+    from qtasks.app import AsyncQueueTasks
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"
 """Time, level, process id (several workers share one terminal) and logger name."""
@@ -66,3 +76,140 @@ def configure_logging(level: str | None, *, default: str) -> None:
             root.setLevel(name)
         return
     logging.basicConfig(level=name, format=LOG_FORMAT, stream=sys.stderr)
+
+
+# -- operator commands: look at and steer a running system ------------------------------
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _on_app(app_path: str, action: Callable[[AsyncQueueTasks], Awaitable[str]]) -> int:
+    """Load the app, run `action` on it (started, then stopped) and print what it returns.
+
+    Exit 1 with a one-line error when a backend cannot be reached or the operation cannot
+    be done; 2 for arguments the app rejects (a ConfigurationError propagates: main()
+    reports it with 2 as well).
+    """
+    from qtasks.app import AsyncQueueTasks
+
+    core = load_app_from_cwd(app_path)
+    assert isinstance(core, AsyncQueueTasks)  # load_app returns the async core
+
+    async def run() -> str:
+        try:
+            await core.start()
+            return await action(core)
+        finally:
+            await core.stop()
+
+    try:
+        text = asyncio.run(run())
+    except ConfigurationError:
+        raise
+    except (UnknownTask, TypeError, ValueError) as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return EXIT_USAGE
+    except (QTasksError, OSError) as exc:
+        click.echo(f"Error: {_one_line(exc)}", err=True)
+        return EXIT_FAILED
+    click.echo(text)
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def inspect(args: InspectArgs) -> int:
+    """Print one `stats inspect` topic as text tables or JSON."""
+    from qtasks.stats import AsyncStats  # rich and the stats code load only when used
+
+    async def action(core: AsyncQueueTasks) -> str:
+        ask = AsyncStats(core).inspect()
+        names, as_json = args.names, args.json
+        if args.topic == "app":
+            return await ask.app(json=True) if as_json else str(await ask.app())
+        if args.topic == "tasks":
+            return await ask.tasks(*names, json=True) if as_json else str(await ask.tasks(*names))
+        if args.topic == "task":
+            name = names[0]
+            return await ask.task(name, json=True) if as_json else str(await ask.task(name))
+        if args.topic == "workers":
+            return await ask.workers(json=True) if as_json else str(await ask.workers())
+        if args.topic == "queues":
+            if as_json:
+                return await ask.queues(*names, json=True)
+            return str(await ask.queues(*names))
+        if args.topic == "task_status":
+            status = await ask.task_status(names[0])
+            if status.data is None:
+                raise OperationError(str(status))
+            return status.json() if as_json else str(status)
+        count = int(names[0]) if names else 10
+        return await ask.failures(count, json=True) if as_json else str(await ask.failures(count))
+
+    return _on_app(args.app_path, action)
+
+
+def add(args: AddArgs) -> int:
+    """Enqueue a task; print its uuid, and with --wait its final record."""
+    from qtasks.stats import report
+
+    async def action(core: AsyncQueueTasks) -> str:
+        record, final = await operations.add(
+            core,
+            args.name,
+            args.args,
+            dict(args.kwargs),
+            priority=args.priority,
+            queue=args.queue,
+            wait_seconds=args.wait_seconds,
+        )
+        if args.wait_seconds is None:
+            return f"enqueued {record.name} {record.uuid}"
+        if final is None:
+            raise OperationError(
+                f"task {record.uuid} did not finish within {args.wait_seconds:g}s "
+                f"(it stays queued; see: qtasks stats inspect task_status {record.uuid})"
+            )
+        if final.status is not TaskStatusEnum.SUCCESS:
+            raise OperationError(
+                f"task {final.uuid} ended with status {final.status.value}: "
+                f"{final.error_type}: {final.error_message}"
+            )
+        return report.record_text(final)
+
+    return _on_app(args.app_path, action)
+
+
+def cancel(args: TaskIdArgs) -> int:
+    """Cancel a task that has not started."""
+
+    async def action(core: AsyncQueueTasks) -> str:
+        record = await operations.cancel(core, args.uuid)
+        return f"cancelled {record.name} {record.uuid}"
+
+    return _on_app(args.app_path, action)
+
+
+def retry(args: TaskIdArgs) -> int:
+    """Enqueue a failed task again with the same arguments."""
+
+    async def action(core: AsyncQueueTasks) -> str:
+        new = await operations.retry(core, args.uuid)
+        return f"retrying {new.name} {args.uuid} as {new.uuid}"
+
+    return _on_app(args.app_path, action)
+
+
+def purge(args: PurgeArgs) -> int:
+    """Drop the queued messages of some queues."""
+
+    async def action(core: AsyncQueueTasks) -> str:
+        queues = list(args.queues) if args.queues else operations.app_queues(core)
+        dropped = await operations.purge(core, queues)
+        return f"purged {dropped} queued task(s) from {', '.join(queues)}"
+
+    return _on_app(args.app_path, action)

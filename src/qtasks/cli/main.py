@@ -10,11 +10,25 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
 from qtasks.cli import commands
-from qtasks.cli.args import LOG_LEVELS, GlobalArgs, RunArgs, parse_log_level, parse_queues
+from qtasks.cli.args import (
+    INSPECT_TOPICS,
+    LOG_LEVELS,
+    AddArgs,
+    GlobalArgs,
+    PurgeArgs,
+    RunArgs,
+    TaskIdArgs,
+    parse_inspect,
+    parse_json_object,
+    parse_json_values,
+    parse_log_level,
+    parse_queues,
+)
 from qtasks.cli.loader import AppLoadError
 from qtasks.errors import ConfigurationError
 
@@ -118,6 +132,132 @@ def run(
         log_level=parse_log_level(log_level) if log_level is not None else None,
     )
     return commands.run(args)
+
+
+def _app_path(obj: GlobalArgs) -> str:
+    if obj.app_path is None:
+        raise AppLoadError(commands.NO_APP_MESSAGE)
+    return obj.app_path
+
+
+@cli.group()
+def stats() -> None:
+    """Look at a running system."""
+
+
+@stats.command(
+    "inspect",
+    epilog="Examples: stats inspect tasks; stats inspect task send_email --json; "
+    "stats inspect queues default json=True; stats inspect failures 20.",
+)
+@click.argument("topic", type=click.Choice(INSPECT_TOPICS))
+@click.argument("names", nargs=-1)
+@click.option(
+    "--json", "json_flag", is_flag=True, help="Print JSON (QTasks's json=True works too)."
+)
+@click.pass_obj
+def inspect_command(obj: GlobalArgs, topic: str, names: tuple[str, ...], json_flag: bool) -> int:
+    """Show TOPIC: app, tasks [NAME...], task NAME, workers, queues [QUEUE...],
+    task_status UUID or failures [COUNT]."""
+    try:
+        args = parse_inspect(_app_path(obj), topic, names, json_flag)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return commands.inspect(args)
+
+
+def _json_values(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[Any, ...]:
+    try:
+        return parse_json_values(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
+    try:
+        return parse_json_object(value) if value is not None else {}
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("args", nargs=-1, callback=_json_values)
+@click.option(
+    "--kwargs",
+    "kwargs",
+    metavar="JSON",
+    callback=_json_object,
+    help='Keyword arguments as a JSON object, e.g. \'{"to": "a@b.c"}\'.',
+)
+@click.option("--priority", type=int, help="Priority (lower runs first).")
+@click.option("-Q", "--queue", help="Queue to send to.  [default: the task's]")
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Wait up to SECONDS for the result and print it.",
+)
+@click.pass_obj
+def add(
+    obj: GlobalArgs,
+    name: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    priority: int | None,
+    queue: str | None,
+    wait_seconds: float | None,
+) -> int:
+    """Enqueue task NAME; ARGS are JSON values.
+
+    Quote strings as JSON: qtasks -A m:app add greet '"bob"' --kwargs '{"loud": true}'
+    """
+    args_ = AddArgs(_app_path(obj), name, args, kwargs, priority, queue, wait_seconds)
+    return commands.add(args_)
+
+
+@cli.command()
+@click.argument("uuid")
+@click.pass_obj
+def cancel(obj: GlobalArgs, uuid: str) -> int:
+    """Cancel a task that has not started.
+
+    The task is taken off its queue and recorded as `cancel`. A task a worker has already
+    claimed (running, or prefetched) is left alone and runs to its end.
+    """
+    return commands.cancel(TaskIdArgs(_app_path(obj), uuid))
+
+
+@cli.command()
+@click.argument("uuid")
+@click.pass_obj
+def retry(obj: GlobalArgs, uuid: str) -> int:
+    """Enqueue a failed or cancelled task again with the same arguments."""
+    return commands.retry(TaskIdArgs(_app_path(obj), uuid))
+
+
+@cli.command()
+@click.option(
+    "-Q",
+    "--queues",
+    metavar="A,B",
+    callback=_queues,
+    help="Comma-separated queues to empty.  [default: every queue of the app]",
+)
+@click.option("--yes", is_flag=True, help="Confirm: drop the queued tasks.")
+@click.pass_obj
+def purge(obj: GlobalArgs, queues: tuple[str, ...] | None, yes: bool) -> int:
+    """Drop the queued tasks of some queues.
+
+    Messages no worker has claimed yet are dropped and their records become `cancel`.
+    """
+    app_path = _app_path(obj)
+    if not yes:
+        raise click.UsageError("purge drops queued tasks for good; pass --yes to confirm")
+    return commands.purge(PurgeArgs(app_path, queues))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

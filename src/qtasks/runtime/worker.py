@@ -21,6 +21,8 @@ scope, closed when it stops.
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.metadata
 import itertools
 import logging
 import os
@@ -51,6 +53,7 @@ from qtasks.plugins.triggers import (
 from qtasks.runtime.executor import Outcome, OutcomeKind, TaskExecutor
 from qtasks.runtime.threads import TaskThreadPool
 from qtasks.serializers import peek_identity
+from qtasks.stats.counters import CANCELLED, FAILED, RETRIED, SUCCEEDED, WorkerCounters
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -250,6 +253,8 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid_module.uuid4().hex[:8]}"
         self.started_at: float | None = None
         self.processed = 0
+        self.counters = WorkerCounters()
+        """Per task name: processed, succeeded, failed, ... (published with the heartbeat)."""
         self.dependency_scope = DependencyScope(Scope.WORKER, owner=f"worker {self.id}")
         """Values of `worker`-scope dependencies: created on first use, closed at stop."""
         self._plugins: list[BasePlugin] = []
@@ -329,22 +334,30 @@ class Worker:
             "concurrency": self._concurrency,
             "started_at": self.started_at,
             "processed": self.processed,
+            "running": len(self._busy),
+            "version": _version(),
+            "tasks": self.counters.snapshot(),
         }
+
+    async def register(self) -> None:
+        """Publish `info()` (with the counters) to the worker registry now; one heartbeat."""
+        app = self.app
+        info = self.info()
+        if GLOBAL_CONFIG_REGISTER_WORKER in app.plugins:
+            changes = await app.plugins.fire(
+                GLOBAL_CONFIG_REGISTER_WORKER,
+                global_config=app.global_config,
+                worker=self,
+                info=info,
+            )
+            info = changes.get("info", info)
+        await app.global_config.register_worker(info)
 
     async def _registry_loop(self) -> None:
         app = self.app
         while True:
             try:
-                info = self.info()
-                if GLOBAL_CONFIG_REGISTER_WORKER in app.plugins:
-                    changes = await app.plugins.fire(
-                        GLOBAL_CONFIG_REGISTER_WORKER,
-                        global_config=app.global_config,
-                        worker=self,
-                        info=info,
-                    )
-                    info = changes.get("info", info)
-                await app.global_config.register_worker(info)
+                await self.register()
             except Exception:
                 log.warning("could not refresh the worker registry", exc_info=True)
             await asyncio.sleep(app.config.heartbeat_interval_seconds)
@@ -445,10 +458,24 @@ class Worker:
         executor_cls = definition.executor or app.executor_class
         executor = executor_cls(definition, message, app, self._pool)
         executor.worker = self
-        outcome = await executor.run()
-        if plugins and (WORKER_EXECUTE_AFTER in plugins or WORKER_TASK_ERROR_RETRY in plugins):
-            outcome = await self._after(plugins, executor, message, outcome)
-        self._finish(delivery, message, record, outcome)
+        counter = self.counters[message.name]
+        counter.running += 1
+        try:
+            outcome = await executor.run()
+            if plugins and (WORKER_EXECUTE_AFTER in plugins or WORKER_TASK_ERROR_RETRY in plugins):
+                outcome = await self._after(plugins, executor, message, outcome)
+        finally:
+            counter.running -= 1
+        finished = self._finish(delivery, message, record, outcome)
+        kind = outcome.kind
+        if kind is OutcomeKind.SUCCESS:
+            index = SUCCEEDED
+        elif kind is OutcomeKind.ERROR:
+            index = FAILED
+        else:
+            index = RETRIED if kind is OutcomeKind.RETRY else CANCELLED
+        # Queue wait: from when the message became due (its eta, else its creation).
+        counter.done(index, finished - started, started - (message.eta or message.created_at))
 
     async def _after(
         self,
@@ -475,7 +502,8 @@ class Worker:
 
     def _finish(
         self, delivery: Delivery, message: TaskMessage, record: Task, outcome: Outcome
-    ) -> None:
+    ) -> float:
+        """Hand the outcome to the writer; returns the time the attempt finished."""
         finished = time.time()
         final = msgspec.structs.replace(
             record,
@@ -504,7 +532,7 @@ class Worker:
                 outcome.retry_delay,
             )
             self.writer.retry(delivery, final, env)
-            return
+            return finished
         if outcome.kind is OutcomeKind.ERROR:
             log.warning(
                 "task %s %s failed: %s: %s",
@@ -514,9 +542,11 @@ class Worker:
                 outcome.error_message,
             )
         self.writer.finish(delivery, final)
+        return finished
 
     def _record_failure(self, delivery: Delivery, message: TaskMessage, exc: Exception) -> None:
         log.error("task %s %s rejected: %s", message.name, message.uuid, exc)
+        self.counters[message.name].outcomes[FAILED] += 1
         now = time.time()
         record = _record(message, TaskStatusEnum.ERROR, now)
         record.error_type = type(exc).__name__
@@ -602,6 +632,15 @@ class Worker:
             self._pool.shutdown()
         log.info("worker %s stopped after %d tasks", self.id, self.processed)
         self._app = None
+
+
+@functools.cache
+def _version() -> str:
+    """The installed qtasks version ("unknown" when run from a source tree)."""
+    try:
+        return importlib.metadata.version("qtasks")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _record(message: TaskMessage, status: TaskStatusEnum, started: float) -> Task:

@@ -10,7 +10,7 @@ import msgspec
 
 from qtasks._waiters import Waiters
 from qtasks.interfaces import Storage
-from qtasks.message import Task
+from qtasks.message import Task, TaskStatusEnum
 from qtasks.plugins.state import add_number, encode_value
 
 if TYPE_CHECKING:
@@ -75,6 +75,17 @@ class MemoryStorage(Storage):
         for uuid in uuids:
             self._records.pop(uuid, None)
             self._expires.pop(uuid, None)
+
+    async def recent(self, status: TaskStatusEnum, limit: int) -> list[Task]:
+        """Records with `status`, latest finished (else started, else created) first."""
+        now = time.time()
+        found = [
+            t
+            for u, t in self._records.items()
+            if t.status is status and self._expires.get(u, now + 1) > now
+        ]
+        found.sort(key=lambda t: t.finished_at or t.started_at or t.created_at, reverse=True)
+        return found[: max(limit, 0)]
 
     # -- State: every method runs without an await, so it is atomic on the event loop ------
 

@@ -32,7 +32,7 @@ from qtasks._sqlite import DEFAULT_NAMESPACE, SqliteComponent, chunks, placehold
 from qtasks._waiters import Waiters
 from qtasks.errors import EncodeError, StorageError
 from qtasks.interfaces import Storage
-from qtasks.message import Task
+from qtasks.message import Task, TaskStatusEnum
 from qtasks.plugins.state import add_number, encode_value
 
 if TYPE_CHECKING:
@@ -171,6 +171,28 @@ class SqliteStorage(SqliteComponent, Storage):
                 )
 
         await self._run(delete)
+
+    async def recent(self, status: TaskStatusEnum, limit: int) -> list[Task]:
+        """Unexpired records with `status`, most recently updated first."""
+        args = (self.namespace, status.value, time.time(), max(limit, 0))
+
+        def read(conn: sqlite3.Connection) -> list[bytes]:
+            # A scan of the namespace's rows: fine for an operator's query, not a hot path.
+            return [
+                row[0]
+                for row in conn.execute(
+                    "SELECT record FROM qtasks_tasks WHERE ns = ? AND status = ?"
+                    " AND (expires_at IS NULL OR expires_at > ?)"
+                    " ORDER BY updated_at DESC LIMIT ?",
+                    args,
+                )
+            ]
+
+        rows = await self._run(read, write=False)
+        try:
+            return [_decoder.decode(raw) for raw in rows]
+        except msgspec.DecodeError as exc:
+            raise StorageError(f"a record in {self.path} is corrupt: {exc}") from exc
 
     # -- State: each method is one job, so one transaction under the write lock -----------
 
