@@ -35,6 +35,7 @@ from qtasks.message import Task, TaskMessage, TaskStatusEnum
 from qtasks.middlewares import TaskMiddleware
 from qtasks.plugins.depends import Depends
 from qtasks.retry import Backoff
+from qtasks.router import Router, RouterTask
 from qtasks.runtime.executor import TaskExecutor
 from qtasks.sync import QueueTasks, SyncTask
 from qtasks.task import ADD_TASK_OPTIONS, AsyncTask
@@ -55,6 +56,8 @@ __all__ = [
     "QueueConfig",
     "QueueTasks",
     "Retry",
+    "Router",
+    "RouterTask",
     "StateLockTimeout",
     "StateNotSupported",
     "StorageError",

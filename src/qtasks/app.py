@@ -67,6 +67,7 @@ from qtasks.urls import backend_for, redact_url
 if TYPE_CHECKING:
     from typing import ParamSpec
 
+    from qtasks.router import Router, RouterTask
     from qtasks.runtime.starter import Starter
     from qtasks.runtime.worker import Worker
 
@@ -276,6 +277,27 @@ class AsyncQueueTasks:
             raise TaskAlreadyRegistered(definition.name)
         self.tasks[definition.name] = definition
         return definition
+
+    def register_router(self, router: Router) -> list[tuple[RouterTask[Any, Any], TaskDefinition]]:
+        """Register every task of `router`; the handles and their definitions.
+
+        All names are checked first, so a clash registers none of the router's tasks.
+        """
+        for entry in router.entries:
+            if entry.handle.name in self.tasks:
+                raise TaskAlreadyRegistered(entry.handle.name)
+        return [
+            (
+                entry.handle,
+                self.register(entry.func, localns=entry.localns, **router.merged_options(entry)),
+            )
+            for entry in router.entries
+        ]
+
+    def include_router(self, router: Router) -> None:
+        """Register a router's tasks in this app; their handles then enqueue through it."""
+        for handle, definition in self.register_router(router):
+            handle._bind(AsyncTask(self, definition))
 
     def add_middleware(self, middleware: TaskMiddleware | type[TaskMiddleware]) -> None:
         """Run a middleware around every task of this app."""

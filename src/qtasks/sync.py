@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from qtasks.interfaces import Broker, GlobalConfig, Storage
     from qtasks.middlewares import TaskMiddleware
     from qtasks.plugins.base import BasePlugin
+    from qtasks.router import Router
     from qtasks.runtime.executor import TaskExecutor
     from qtasks.runtime.starter import Starter
     from qtasks.runtime.worker import Worker
@@ -204,6 +205,11 @@ class QueueTasks:
             return SyncTask(self, AsyncTask(self.core, definition))
 
         return register(func) if func is not None else register
+
+    def include_router(self, router: Router) -> None:
+        """Register a router's tasks in this app; their handles then enqueue through it."""
+        for handle, definition in self.core.register_router(router):
+            handle._bind(SyncTask(self, AsyncTask(self.core, definition)))
 
     def add_middleware(self, middleware: TaskMiddleware | type[TaskMiddleware]) -> None:
         """Run a middleware around every task of this app."""
