@@ -30,6 +30,7 @@ from qtasks.errors import (
     TaskTimeout,
     UnknownTask,
     WaitTimeout,
+    WorkerLost,
 )
 from qtasks.message import Task, TaskMessage, TaskStatusEnum
 from qtasks.middlewares import TaskMiddleware
@@ -74,4 +75,5 @@ __all__ = [
     "TaskTimeout",
     "UnknownTask",
     "WaitTimeout",
+    "WorkerLost",
 ]

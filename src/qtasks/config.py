@@ -38,6 +38,10 @@ class QueueConfig:
     """Silence after which a worker is taken for dead and its tasks are delivered again."""
     sweep_interval_seconds: float = 5.0
     """How often a worker looks for dead workers' tasks and expired records."""
+    max_deliveries: int | None = 5
+    """A task handed out this many times without finishing (its worker died each time) is
+    recorded as failed with reason worker_lost instead of running again; None: no limit.
+    Graceful stops give tasks back without counting (RabbitMQ counts them: see its broker)."""
     graceful_shutdown_seconds: float = 30.0
     """How long a stopping worker lets running tasks finish before giving up on them."""
     default_retry_backoff_seconds: float = 1.0

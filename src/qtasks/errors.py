@@ -9,6 +9,7 @@
     ├── EncodeError               arguments or a result cannot be encoded (nothing written)
     ├── DecodeError               a message on the wire cannot be decoded
     ├── UnknownTask               no task is registered under that name
+    ├── WorkerLost                delivered max_deliveries times, never finished
     ├── TaskTimeout               a task ran longer than its max_time
     ├── WaitTimeout               app.wait() gave up before the task finished
     ├── StateLockTimeout          a State lock was not acquired in time
@@ -63,6 +64,19 @@ class UnknownTask(QTasksError, LookupError):  # noqa: N818 - names users know fr
     def __init__(self, name: str) -> None:
         super().__init__(f"no task named {name!r} is registered in this app")
         self.name = name
+
+
+class WorkerLost(QTasksError):  # noqa: N818 - names what happened, as users see it
+    """A task was delivered more than `max_deliveries` times without finishing."""
+
+    def __init__(self, deliveries: int) -> None:
+        super().__init__(
+            f"worker_lost: the task was handed to a worker {deliveries} times and never "
+            f"finished (the worker died each time); not running it again. Raise "
+            f"QueueConfig.max_deliveries if this task legitimately outlives workers"
+        )
+        self.deliveries = deliveries
+        self.reason = "worker_lost"
 
 
 class TaskTimeout(QTasksError, TimeoutError):  # noqa: N818 - names users know from QTasks

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from qtasks import TaskContext, TaskStatusEnum
+from qtasks import QueueConfig, TaskContext, TaskStatusEnum
 from qtasks.asyncio import QueueTasks
+from qtasks.brokers.memory import MemoryBroker
 from qtasks.context import SyncTaskContext
 from qtasks.runtime.worker import Worker
 from qtasks.storages.memory import MemoryStorage
@@ -142,3 +143,45 @@ async def test_short_tasks_are_stored_once_long_ones_show_process_first(
         await app.wait(s.uuid, 5)
     assert recording_storage.statuses(q.uuid) == [TaskStatusEnum.SUCCESS]
     assert recording_storage.statuses(s.uuid) == [TaskStatusEnum.PROCESS, TaskStatusEnum.SUCCESS]
+
+
+class InflatedCounts(MemoryBroker):
+    """Hands out every message as if it had been delivered `count` times already."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+
+    async def fetch(self, queues: Any, max_count: int, timeout: float) -> Any:
+        deliveries = await super().fetch(queues, max_count, timeout)
+        for d in deliveries:
+            d.delivery_count = self.count
+        return deliveries
+
+
+@pytest.mark.parametrize(("count", "runs"), [(5, 1), (6, 0)])
+async def test_a_task_delivered_more_than_max_deliveries_is_not_run_again(
+    make_app: Callable[..., QueueTasks],
+    run_until_idle: RunUntilIdle,
+    count: int,
+    runs: int,
+) -> None:
+    app = make_app(broker=InflatedCounts(count), config=QueueConfig(max_deliveries=5))
+    ran: list[int] = []
+
+    @app.task
+    def crashy() -> None:
+        ran.append(1)
+
+    record = await crashy.add_task()
+    await run_until_idle(app)
+    final = await app.get(record.uuid)
+    assert final is not None
+    assert len(ran) == runs
+    if runs:
+        assert final.status == TaskStatusEnum.SUCCESS
+    else:
+        assert final.status == TaskStatusEnum.ERROR
+        assert final.error_type == "WorkerLost"
+        assert final.error_message is not None
+        assert final.error_message.startswith("worker_lost")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from qtasks.errors import DecodeError, PluginError, UnknownTask
+from qtasks.errors import DecodeError, PluginError, UnknownTask, WorkerLost
 from qtasks.interfaces import Delivery
 from qtasks.message import DEFAULT_QUEUE, Envelope, Task, TaskMessage, TaskStatusEnum
 from qtasks.plugins.base import BasePlugin, PluginRegistry, start_plugins, stop_plugins
@@ -437,6 +437,12 @@ class Worker:
         definition = app.tasks.get(message.name)
         if definition is None:
             self._record_failure(delivery, message, UnknownTask(message.name))
+            return
+        limit = app.config.max_deliveries
+        if limit is not None and delivery.delivery_count > limit:
+            # Handed out more often than allowed without ever finishing: its worker died
+            # each time (OOM, a crash the task causes). Running it again would crash-loop.
+            self._record_failure(delivery, message, WorkerLost(delivery.delivery_count - 1))
             return
         started = time.time()
         record = _record(message, TaskStatusEnum.PROCESS, started)
