@@ -163,3 +163,49 @@ def parse_json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"--kwargs must be a JSON object, got {text!r}")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class WebArgs:
+    """`qtasks -A APP web [--host H] [--port P] [--token T] [--basic U:P] [--insecure-bind]`."""
+
+    app_path: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    """Bearer token (or `?token=` once, which sets a cookie); None for no token."""
+    basic: tuple[str, str] | None = None
+    """(user, password) for HTTP basic auth; None for none."""
+    insecure_bind: bool = False
+    """Serve a non-loopback address without auth anyway."""
+
+    def check_bind(self) -> None:
+        """ValueError when the host is reachable from other machines and nothing guards it."""
+        guarded = self.token is not None or self.basic is not None
+        if not (guarded or self.insecure_bind or is_loopback(self.host)):
+            raise ValueError(
+                f"refusing to serve the dashboard on {self.host} without auth: anyone who "
+                f"can reach it could retry, cancel and purge tasks. Pass --token or "
+                f"--basic user:pass, bind 127.0.0.1, or pass --insecure-bind"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def parse_basic(text: str) -> tuple[str, str]:
+    """`user:pass` as (user, password); ValueError without a user or a password."""
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ValueError("expected user:password, e.g. --basic admin:s3cret")
+    return user, password

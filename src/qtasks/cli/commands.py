@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING
 import click
 
 from qtasks.cli import operations
-from qtasks.cli.args import AddArgs, InspectArgs, PurgeArgs, RunArgs, TaskIdArgs, parse_log_level
+from qtasks.cli.args import (
+    AddArgs,
+    InspectArgs,
+    PurgeArgs,
+    RunArgs,
+    TaskIdArgs,
+    WebArgs,
+    parse_log_level,
+)
 from qtasks.cli.loader import AppLoadError, ServableApp, load_app
 from qtasks.cli.operations import OperationError
 from qtasks.errors import ConfigurationError, QTasksError, UnknownTask
@@ -213,3 +221,29 @@ def purge(args: PurgeArgs) -> int:
         return f"purged {dropped} queued task(s) from {', '.join(queues)}"
 
     return _on_app(args.app_path, action)
+
+
+# -- the web dashboard -------------------------------------------------------------------
+
+
+def web(args: WebArgs) -> int:
+    """Serve the dashboard with uvicorn until interrupted; exit 2 without the `web` extra."""
+    from qtasks.web import INSTALL_HINT
+
+    try:
+        import uvicorn
+
+        from qtasks.web.app import create_app
+    except (ImportError, ConfigurationError):
+        click.echo(f"Error: {INSTALL_HINT}", err=True)
+        return EXIT_USAGE
+    from qtasks.app import AsyncQueueTasks
+
+    core = load_app_from_cwd(args.app_path)
+    assert isinstance(core, AsyncQueueTasks)  # load_app returns the async core
+    configure_logging(None, default=core.config.logs_default_level)
+    dashboard = create_app(core, token=args.token, basic=args.basic)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    click.echo(f"qtasks dashboard for app {core.name!r}: http://{shown}:{args.port}/", err=True)
+    uvicorn.run(dashboard, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -23,6 +23,8 @@ from qtasks.cli.args import (
     PurgeArgs,
     RunArgs,
     TaskIdArgs,
+    WebArgs,
+    parse_basic,
     parse_inspect,
     parse_json_object,
     parse_json_values,
@@ -258,6 +260,65 @@ def purge(obj: GlobalArgs, queues: tuple[str, ...] | None, yes: bool) -> int:
     if not yes:
         raise click.UsageError("purge drops queued tasks for good; pass --yes to confirm")
     return commands.purge(PurgeArgs(app_path, queues))
+
+
+def _basic(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, str] | None:
+    try:
+        return parse_basic(value) if value is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise click.BadParameter("the token is empty")
+    return value
+
+
+@cli.command(
+    epilog="Example: qtasks -A examples.quickstart:app web --port 8000, then open "
+    "http://127.0.0.1:8000/"
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True)
+@click.option(
+    "--token",
+    envvar="QTASKS_WEB_TOKEN",
+    callback=_token,
+    help="Require this token: Authorization: Bearer TOKEN, or ?token=TOKEN once (sets a "
+    "cookie). Default: $QTASKS_WEB_TOKEN.",
+)
+@click.option(
+    "--basic",
+    metavar="USER:PASS",
+    callback=_basic,
+    help="Require HTTP basic auth with these credentials.",
+)
+@click.option(
+    "--insecure-bind",
+    is_flag=True,
+    help="Serve a non-loopback address without --token or --basic anyway.",
+)
+@click.pass_obj
+def web(
+    obj: GlobalArgs,
+    host: str,
+    port: int,
+    token: str | None,
+    basic: tuple[str, str] | None,
+    insecure_bind: bool,
+) -> int:
+    """Serve the web dashboard: overview, tasks, tracebacks, retry / cancel / purge.
+
+    Without --token or --basic it only binds a loopback address (127.0.0.1, ::1).
+    Needs the web extra: pip install 'qtasks[web]'.
+    """
+    args = WebArgs(_app_path(obj), host, port, token, basic, insecure_bind)
+    try:
+        args.check_bind()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return commands.web(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
