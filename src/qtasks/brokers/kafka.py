@@ -73,6 +73,7 @@ from aiokafka.abc import ConsumerRebalanceListener  # type: ignore[import-untype
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
 
+from qtasks._aio import wait_event
 from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerError, ConfigurationError
@@ -386,11 +387,7 @@ class KafkaBroker(Broker):
 
         False if that took longer than `timeout` seconds (it goes on in the background).
         """
-        waiter = asyncio.ensure_future(self._assigned.wait())
-        try:
-            await asyncio.wait((waiter,), timeout=timeout)
-        finally:
-            waiter.cancel()
+        await wait_event(self._assigned, timeout)
         consumer = self._consumer
         if not self._assigned.is_set() or consumer is None:
             return False
@@ -790,11 +787,7 @@ class KafkaBroker(Broker):
             if remaining <= 0:
                 return []
             self._arrived.clear()
-            waiter = asyncio.ensure_future(self._arrived.wait())
-            try:
-                await asyncio.wait((waiter,), timeout=remaining)
-            finally:
-                waiter.cancel()
+            await wait_event(self._arrived, remaining)
 
     async def _settle(self) -> None:
         """Let a burst that began on an empty buffer end before choosing from it.

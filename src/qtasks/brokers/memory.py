@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from qtasks._aio import wait_event
 from qtasks.interfaces import Broker, Delivery, QueueStats
 from qtasks.message import Envelope
 
@@ -115,13 +116,7 @@ class MemoryBroker(Broker):
                 return []
             changed.clear()
             wait = remaining if next_due is None else min(remaining, next_due)
-            # asyncio.wait, not wait_for: before Python 3.12 wait_for swallows a cancel
-            # that arrives as the event is set, and a stopping worker then waits a timeout.
-            waiter = asyncio.ensure_future(changed.wait())
-            try:
-                await asyncio.wait((waiter,), timeout=wait)
-            finally:
-                waiter.cancel()
+            await wait_event(changed, wait)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:

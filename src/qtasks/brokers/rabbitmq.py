@@ -74,6 +74,7 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
 )
 
+from qtasks._aio import wait_event
 from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerError, ConfigurationError
@@ -517,12 +518,7 @@ class RabbitMQBroker(Broker):
             if remaining <= 0:
                 return []
             self._arrived.clear()
-            waiter = asyncio.ensure_future(self._arrived.wait())
-            try:
-                # asyncio.wait, not wait_for: before 3.12 wait_for can swallow a cancel.
-                await asyncio.wait((waiter,), timeout=remaining)
-            finally:
-                waiter.cancel()
+            await wait_event(self._arrived, remaining)
 
     async def _subscribe(self, session: _Session, names: list[str], max_count: int) -> bool:
         """Set the prefetch for this fetch and consume every queue; True if one was new."""
