@@ -58,7 +58,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -76,6 +75,7 @@ from qtasks._redis import (
 from qtasks.errors import BrokerError, QTasksError
 from qtasks.interfaces import Broker, Delivery, Storage
 from qtasks.message import Envelope, Task
+from qtasks.runtime.heartbeat import HeartbeatThread
 from qtasks.storages.redis import RedisStorage
 
 if TYPE_CHECKING:
@@ -740,88 +740,49 @@ def _chunks(seq: Sequence[Any], size: int = MAX_BATCH) -> list[Sequence[Any]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
-class _HeartbeatThread:
-    """Keeps one consumer's heartbeat fresh and sweeps lost consumers, off the event loop."""
+class _HeartbeatThread(HeartbeatThread):
+    """Beats and sweeps through its own blocking client (see qtasks.runtime.heartbeat)."""
 
     def __init__(self, broker: RedisBroker) -> None:
-        link = broker.link
-        self.link = link
-        self.node_url = link.node_url
+        super().__init__(broker.consumer_id, broker.config)
+        self.link = broker.link
+        self.node_url = broker.link.node_url
         self.keys = broker.keys
-        self.consumer_id = broker.consumer_id
-        config = broker.config
-        self.interval = config.heartbeat_interval_seconds
-        self.sweep_interval = config.sweep_interval_seconds
-        self.lost_after = config.worker_lost_after_seconds
         # A reply later than this is a failure; the beat after it tries a fresh connection.
         self.socket_timeout = max(0.5, min(self.interval, 2.0))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._main, name=f"qtasks-heartbeat:{self.consumer_id}", daemon=True
-        )
+        self._client: redis.Redis | None = None
 
-    def start(self) -> None:
-        """Begin beating in the background."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop beating and wait for the thread to end (at most one command's timeout)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _eval(self, client: redis.Redis, s: Script, keys: list[str], args: list[Any]) -> Any:
-        run: Any = client.execute_command  # untyped in redis-py
+    def _eval(self, s: Script, keys: list[str], args: list[Any]) -> Any:
+        if self._client is None:
+            self._client = self.link.sync_client(self.socket_timeout, self.node_url)
+        run: Any = self._client.execute_command  # untyped in redis-py
         try:
             return run(*s.command(keys, args))
         except NoScriptError:
             run("SCRIPT", "LOAD", s.source)
             return run(*s.command(keys, args))
 
-    def _main(self) -> None:
-        client: redis.Redis | None = None
-        k, me = self.keys, self.consumer_id
-        next_beat = next_sweep = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                beat_due, sweep_due = now >= next_beat, now >= next_sweep
-                # Reschedule first, so a failure waits for the next turn instead of spinning.
-                if beat_due:
-                    next_beat = now + self.interval
-                if sweep_due:
-                    next_sweep = now + self.sweep_interval
-                try:
-                    if client is None:
-                        client = self.link.sync_client(self.socket_timeout, self.node_url)
-                    if beat_due:
-                        self._eval(client, BEAT, [k.consumers], [me])
-                    if sweep_due:
-                        dead, freed = self._eval(
-                            client, SWEEP, [k.consumers, k.counts], [k.prefix, self.lost_after]
-                        )
-                        if dead:
-                            log.warning(
-                                "%d lost consumers: %d of their messages are deliverable again",
-                                dead,
-                                freed,
-                            )
-                except Exception as exc:
-                    # Keep going whatever happened: a dead heartbeat thread would get this
-                    # live worker's tasks swept and run twice.
-                    if isinstance(exc, MovedError):  # Cluster failover or resharding
-                        self.node_url = with_host(self.node_url, exc.host, int(exc.port))
-                    else:
-                        log.warning("Redis heartbeat to %s failed: %r", self.link.redacted, exc)
-                    if client is not None:
-                        with contextlib.suppress(Exception):
-                            client.close()
-                    client = None
-                    if isinstance(exc, MovedError):
-                        next_beat = next_sweep = time.monotonic()  # again, on the new node
-                        continue
-                self._stop.wait(max(0.0, min(next_beat, next_sweep) - time.monotonic()))
-        finally:
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.close()
+    def beat(self) -> None:
+        self._eval(BEAT, [self.keys.consumers], [self.consumer_id])
+
+    def sweep(self) -> None:
+        k = self.keys
+        dead, freed = self._eval(SWEEP, [k.consumers, k.counts], [k.prefix, self.lost_after])
+        if dead:
+            log.warning(
+                "%d lost consumers: %d of their messages are deliverable again", dead, freed
+            )
+
+    def failed(self, exc: Exception) -> bool:
+        self.close()
+        if isinstance(exc, MovedError):  # Cluster failover or resharding: again, on the new node
+            self.node_url = with_host(self.node_url, exc.host, int(exc.port))
+            return True
+        log.warning("Redis heartbeat to %s failed: %r", self.link.redacted, exc)
+        return False
+
+    def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None

@@ -31,7 +31,6 @@ import os
 import secrets
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -47,6 +46,7 @@ from qtasks._sqlite import (
 from qtasks.errors import BrokerError, QTasksError
 from qtasks.interfaces import Broker, Delivery, QueueStats, Storage
 from qtasks.message import Envelope, Task
+from qtasks.runtime.heartbeat import HeartbeatThread
 from qtasks.storages.sqlite import SqliteStorage
 
 if TYPE_CHECKING:
@@ -116,62 +116,36 @@ def sweep(conn: sqlite3.Connection, namespace: str, lost_after_seconds: float) -
     return freed
 
 
-class _HeartbeatThread:
-    """Keeps one consumer's heartbeat fresh and sweeps lost consumers, off the event loop."""
+class _HeartbeatThread(HeartbeatThread):
+    """Beats and sweeps through its own SQLite connection (see qtasks.runtime.heartbeat)."""
 
     def __init__(self, broker: SqliteBroker) -> None:
+        super().__init__(broker.consumer_id, broker.config)
         self.path = broker.path
         self.namespace = broker.namespace
-        self.consumer_id = broker.consumer_id
-        config = broker.config
-        self.interval = config.heartbeat_interval_seconds
-        self.sweep_interval = config.sweep_interval_seconds
-        self.lost_after = config.worker_lost_after_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._main, name=f"qtasks-heartbeat:{self.consumer_id}", daemon=True
-        )
+        self._conn: sqlite3.Connection | None = None
 
-    def start(self) -> None:
-        """Begin beating in the background."""
-        self._thread.start()
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect(self.path)
+        return self._conn
 
-    def stop(self) -> None:
-        """Stop beating and wait for the thread to end."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+    def beat(self) -> None:
+        beat(self._connection(), self.namespace, self.consumer_id)
 
-    def _main(self) -> None:
-        conn: sqlite3.Connection | None = None
-        next_beat = next_sweep = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                beat_due, sweep_due = now >= next_beat, now >= next_sweep
-                # Reschedule first, so a failure waits for the next turn instead of spinning.
-                if beat_due:
-                    next_beat = now + self.interval
-                if sweep_due:
-                    next_sweep = now + self.sweep_interval
-                try:
-                    if conn is None:
-                        conn = connect(self.path)
-                    if beat_due:
-                        beat(conn, self.namespace, self.consumer_id)
-                    if sweep_due:
-                        freed = sweep(conn, self.namespace, self.lost_after)
-                        if freed:
-                            log.warning("%d messages of lost workers are deliverable again", freed)
-                except Exception as exc:
-                    # Keep going whatever happened: a dead heartbeat thread would get this
-                    # live worker's tasks swept and run twice. Missed beats only matter
-                    # after worker_lost_after_seconds.
-                    log.warning("SQLite heartbeat to %s failed: %r", self.path, exc)
-                self._stop.wait(max(0.0, min(next_beat, next_sweep) - time.monotonic()))
-        finally:
-            if conn is not None:
-                conn.close()
+    def sweep(self) -> None:
+        freed = sweep(self._connection(), self.namespace, self.lost_after)
+        if freed:
+            log.warning("%d messages of lost workers are deliverable again", freed)
+
+    def failed(self, exc: Exception) -> bool:
+        log.warning("SQLite heartbeat to %s failed: %r", self.path, exc)
+        return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class SqliteBroker(SqliteComponent, Broker):
