@@ -175,7 +175,7 @@ class AsyncQueueTasks:
         return self.storage_url or self.broker_url or getattr(self.broker, "url", None)
 
     def _build_storage(self) -> Storage:
-        url = self.storage_url or self.broker_url or getattr(self.broker, "url", None)
+        url = self._companion_url()
         if url is None:
             raise ConfigurationError(
                 f"cannot tell which storage goes with {type(self.broker).__name__}; "
