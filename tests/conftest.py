@@ -25,6 +25,12 @@ from qtasks.storages.memory import MemoryStorage
 JOIN_TIMEOUT = 10.0
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak", action="store_true", default=False, help="fault suite: sizes times 10"
+    )
+
+
 class RecordingStorage(MemoryStorage):
     """A MemoryStorage that keeps every saved record and lets tests wait for one."""
 

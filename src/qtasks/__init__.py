@@ -19,6 +19,7 @@ from qtasks.errors import (
     ConfigurationError,
     DecodeError,
     EncodeError,
+    PayloadTooLarge,
     PluginError,
     QTasksError,
     Retry,
@@ -26,13 +27,15 @@ from qtasks.errors import (
     StateNotSupported,
     StorageError,
     TaskAlreadyRegistered,
+    TaskFailed,
+    TaskNotFound,
     TaskPluginTriggerError,
     TaskTimeout,
     UnknownTask,
     WaitTimeout,
     WorkerLost,
 )
-from qtasks.message import Task, TaskMessage, TaskStatusEnum
+from qtasks.message import DeadLetter, DeadLetterReason, Task, TaskMessage, TaskStatusEnum
 from qtasks.middlewares import TaskMiddleware
 from qtasks.plugins.depends import Depends
 from qtasks.retry import Backoff
@@ -49,9 +52,12 @@ __all__ = [
     "BrokerError",
     "Cancel",
     "ConfigurationError",
+    "DeadLetter",
+    "DeadLetterReason",
     "DecodeError",
     "Depends",
     "EncodeError",
+    "PayloadTooLarge",
     "PluginError",
     "QTasksError",
     "QueueConfig",
@@ -68,8 +74,10 @@ __all__ = [
     "TaskCall",
     "TaskContext",
     "TaskExecutor",
+    "TaskFailed",
     "TaskMessage",
     "TaskMiddleware",
+    "TaskNotFound",
     "TaskPluginTriggerError",
     "TaskStatusEnum",
     "TaskTimeout",

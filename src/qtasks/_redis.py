@@ -205,6 +205,8 @@ class Keys:
         """+ uuid: STRING, the msgspec JSON of a `Task`."""
         self.done_prefix = p + "done:"
         """+ uuid: pub/sub channel carrying the task's final record."""
+        self.steps_prefix = p + "steps:"
+        """+ uuid: STREAM of a generator task's steps (see qtasks.storages.redis)."""
         self.config = p + "config"
         self.workers = p + "workers"
         self.worker_beats = p + "workers:heartbeat"
@@ -229,6 +231,14 @@ class Keys:
         """LIST that wakes one consumer's blocked fetch (used by its stop())."""
         return f"{self.prefix}wakeup:{consumer}"
 
+    def dead(self, queue: str) -> str:
+        """HASH uuid → msgpack of a `DeadLetter`: the queue's dead letters."""
+        return f"{self.prefix}dead:{queue}"
+
+    def dead_at(self, queue: str) -> str:
+        """ZSET uuid → dead_at: the queue's dead letters by age (newest last)."""
+        return f"{self.prefix}dead_at:{queue}"
+
     def record(self, uuid: str) -> str:
         """The record of one task."""
         return self.record_prefix + uuid
@@ -236,6 +246,10 @@ class Keys:
     def done(self, uuid: str) -> str:
         """The channel the final record of one task is published on."""
         return self.done_prefix + uuid
+
+    def steps(self, uuid: str) -> str:
+        """The stream of one task's steps."""
+        return self.steps_prefix + uuid
 
 
 # -- scripts -----------------------------------------------------------------------------
@@ -903,11 +917,20 @@ class RedisComponent:
     def _error(self, exc: BaseException) -> QTasksError:
         return self.error_class(f"Redis at {redact_url(self.url)}: {type(exc).__name__}: {exc}")
 
-    async def _run(self, commands: Sequence[Sequence[Any]], *, retry: bool = True) -> list[Any]:
-        """Replies of commands sent in one round trip; any error reply is raised."""
+    async def _run(
+        self,
+        commands: Sequence[Sequence[Any]],
+        *,
+        retry: bool = True,
+        read_timeout: float | None = None,
+    ) -> list[Any]:
+        """Replies of commands sent in one round trip; any error reply is raised.
+
+        `read_timeout` bounds the wait for a reply (give one for blocking commands).
+        """
         link = self.link
         try:
-            replies = await link.run(commands, retry=retry)
+            replies = await link.run(commands, retry=retry, read_timeout=read_timeout)
         except RedisError as exc:
             raise self._error(exc) from exc
         for reply in replies:

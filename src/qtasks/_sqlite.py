@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 from qtasks.config import QueueConfig
 from qtasks.errors import ConfigurationError, QTasksError
+from qtasks.urls import redact_url
 
 T = TypeVar("T")
 
@@ -79,6 +80,28 @@ CREATE INDEX IF NOT EXISTS qtasks_queue_delayed
 CREATE INDEX IF NOT EXISTS qtasks_queue_claimed
     ON qtasks_queue (ns, consumer, queue)
     WHERE consumer IS NOT NULL;
+-- Dead letters (messages set aside for an operator), apart from the queue: a retried one
+-- is published again under its uuid before its letter is dropped, so both coexist.
+-- A new table, so files of earlier versions gain it when opened.
+CREATE TABLE IF NOT EXISTS qtasks_dead_letters (
+    ns TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    body BLOB NOT NULL,
+    name TEXT,
+    detail TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    delivery_count INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    dead_at REAL NOT NULL,
+    PRIMARY KEY (ns, queue, uuid)
+);
+-- Newest first per queue, and the sweep's expiry: range scans.
+CREATE INDEX IF NOT EXISTS qtasks_dead_letters_queue
+    ON qtasks_dead_letters (ns, queue, dead_at);
+CREATE INDEX IF NOT EXISTS qtasks_dead_letters_expiry
+    ON qtasks_dead_letters (ns, dead_at);
 CREATE TABLE IF NOT EXISTS qtasks_consumers (
     id TEXT PRIMARY KEY,
     ns TEXT NOT NULL,
@@ -126,6 +149,15 @@ CREATE TABLE IF NOT EXISTS qtasks_state_locks (
     expires_at REAL NOT NULL,
     PRIMARY KEY (ns, name, key)
 );
+-- Steps of generator tasks (streamed to producers), seq 0, 1, ... per task, deleted
+-- with their task's record. (No semicolons in comments: SCHEMA is split on them.)
+CREATE TABLE IF NOT EXISTS qtasks_steps (
+    ns TEXT NOT NULL,
+    uuid TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ns, uuid, seq)
+) WITHOUT ROWID;
 """
 
 
@@ -137,10 +169,11 @@ def path_from_url(url: str) -> str:
     """
     parts = urlsplit(url)
     if parts.scheme.lower() != "sqlite":
-        raise ConfigurationError(f"{url!r} is not a sqlite:// URL")
+        raise ConfigurationError(f"{redact_url(url)!r} is not a sqlite:// URL")
     if parts.netloc:
         raise ConfigurationError(
-            f"{url!r} has a host part; use sqlite:///relative/path.db or sqlite:////abs/path.db"
+            f"{redact_url(url)!r} has a host part; use sqlite:///relative/path.db or "
+            f"sqlite:////abs/path.db"
         )
     path = unquote(parts.path)
     if path.startswith("/"):

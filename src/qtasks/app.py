@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from qtasks import dead_letters
 from qtasks.config import (
     BROKER_URL_ENV,
     DEFAULT_SQLITE_URL,
@@ -23,9 +24,9 @@ from qtasks.config import (
     QueueConfig,
     url_from_env,
 )
-from qtasks.errors import ConfigurationError, TaskAlreadyRegistered, WaitTimeout
+from qtasks.errors import ConfigurationError, PayloadTooLarge, TaskAlreadyRegistered, WaitTimeout
 from qtasks.interfaces import Broker, GlobalConfig, Storage
-from qtasks.message import Envelope, Task, TaskMessage, new_uuid, record_for
+from qtasks.message import DeadLetter, Envelope, Task, TaskMessage, new_uuid, record_for
 from qtasks.middlewares import TaskMiddleware, as_middleware
 from qtasks.plugins.base import (
     BasePlugin,
@@ -54,11 +55,12 @@ from qtasks.plugins.triggers import (
 from qtasks.plugins.validation import plain_models
 from qtasks.retry import BackoffPolicy
 from qtasks.runtime.executor import TaskExecutor
-from qtasks.serializers import JsonSerializer, Serializer
+from qtasks.serializers import Serializer, serializer_for
 from qtasks.task import (
     ADD_TASK_OPTIONS,
     AsyncTask,
     TaskDefinition,
+    TaskStream,
     build_definition,
     caller_locals,
 )
@@ -126,7 +128,8 @@ class AsyncQueueTasks:
             raise ConfigurationError("the app name must be a non-empty string")
         self.name = name
         self.config = config or QueueConfig()
-        self.serializer = serializer or JsonSerializer()
+        # JSON with the config's payload limit; wrapped to sign and verify when keys are set.
+        self.serializer = serializer_for(self.config, serializer)
         self.executor_class = executor
         self.tasks: dict[str, TaskDefinition] = {}
         self.middlewares: list[TaskMiddleware] = []
@@ -544,6 +547,11 @@ class AsyncQueueTasks:
             Envelope(str(m.uuid), m.queue, m.priority, m.eta, m.created_at, encode(m))
             for m in messages
         ]
+        limit = self.config.max_payload_bytes
+        if limit is not None:  # every one checked before any is written
+            for m, e in zip(messages, envelopes, strict=True):
+                if len(e.body) > limit:
+                    raise PayloadTooLarge(m.name, len(e.body), limit)
         records = [record_for(m) for m in messages]
         if not self._started:
             await self.start()
@@ -578,6 +586,9 @@ class AsyncQueueTasks:
             if "message" in changes:
                 message = self._checked(changes["message"])
         body = self.serializer.encode(message)  # EncodeError before anything is written
+        limit = self.config.max_payload_bytes
+        if limit is not None and len(body) > limit:  # before any I/O, even the first start
+            raise PayloadTooLarge(message.name, len(body), limit)
         if not self._started:
             await self.start()
         record = record_for(message)
@@ -645,6 +656,43 @@ class AsyncQueueTasks:
         if task is None:
             raise WaitTimeout(str(uuid), timeout)
         return task
+
+    def stream(self, uuid: Any, *, timeout: float | None = None) -> TaskStream:
+        """Follow a task already enqueued: `async for step in app.stream(uuid)`.
+
+        Its steps so far first, then live ones, until it ends (see `TaskStream`: the
+        final record is in `.record`, a failure raises TaskFailed, `timeout` WaitTimeout).
+        """
+        return TaskStream(self, str(uuid), timeout=timeout)
+
+    async def dead_letters(
+        self,
+        queues: Sequence[str] | None = None,
+        limit: int = 100,
+        uuids: Sequence[Any] | None = None,
+    ) -> list[DeadLetter]:
+        """Messages set aside instead of run (failed for good, worker_lost, undecodable,
+        unknown task), newest first; `queues` defaults to every queue of the app's tasks."""
+        return await dead_letters.list_dead_letters(
+            self, queues, limit, None if uuids is None else [str(u) for u in uuids]
+        )
+
+    async def retry_dead_letters(
+        self, uuids: Sequence[Any] | None = None, queues: Sequence[str] | None = None
+    ) -> list[str]:
+        """Send dead letters again under their uuids (all of `queues` when `uuids` is None);
+        the uuids sent. Their records go back to `new` and their attempts start over."""
+        return await dead_letters.retry_dead_letters(
+            self, None if uuids is None else [str(u) for u in uuids], queues
+        )
+
+    async def drop_dead_letters(
+        self, uuids: Sequence[Any] | None = None, queues: Sequence[str] | None = None
+    ) -> list[str]:
+        """Delete dead letters (all of `queues` when `uuids` is None); the uuids deleted."""
+        return await dead_letters.drop_dead_letters(
+            self, None if uuids is None else [str(u) for u in uuids], queues
+        )
 
     def __repr__(self) -> str:
         return (

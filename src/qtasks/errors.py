@@ -7,11 +7,14 @@
     ├── BrokerError               a broker could not publish, fetch or ack
     ├── StorageError              a storage could not read or write a record
     ├── EncodeError               arguments or a result cannot be encoded (nothing written)
-    ├── DecodeError               a message on the wire cannot be decoded
+    │   └── PayloadTooLarge       an encoded message exceeds max_payload_bytes (nothing written)
+    ├── DecodeError               a message on the wire cannot be decoded; `.reason` says why
     ├── UnknownTask               no task is registered under that name
     ├── WorkerLost                delivered max_deliveries times, never finished
     ├── TaskTimeout               a task ran longer than its max_time
     ├── WaitTimeout               app.wait() gave up before the task finished
+    ├── TaskFailed                a streamed task ended with status error or cancel
+    ├── TaskNotFound              no record of a task uuid (unknown or expired)
     ├── StateLockTimeout          a State lock was not acquired in time
     └── PluginError               a plugin raised, or returned a replacement of the wrong shape
 
@@ -21,6 +24,11 @@ over to the plugins listening to `task_executor_run_task_trigger_error`.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qtasks.message import Task
 
 
 class QTasksError(Exception):
@@ -54,8 +62,43 @@ class EncodeError(QTasksError, TypeError):
     """A value cannot be encoded for the wire; nothing was written."""
 
 
+class PayloadTooLarge(EncodeError):  # noqa: N818 - names what happened, as users see it
+    """An encoded task message is larger than `QueueConfig.max_payload_bytes`.
+
+    Raised by `add_task`/`add_tasks` before anything is written or sent.
+    """
+
+    def __init__(self, name: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"task {name!r}: the encoded message is {size:,} bytes, more than "
+            f"max_payload_bytes={limit:,}; nothing was enqueued. Pass large data by "
+            f"reference (a path, URL or database key) or raise QueueConfig.max_payload_bytes"
+        )
+        self.name = name
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[type[PayloadTooLarge], tuple[str, int, int]]:
+        # Rebuilt from its fields when pickled (e.g. across worker processes).
+        return (type(self), (self.name, self.size, self.limit))
+
+
 class DecodeError(QTasksError, ValueError):
-    """Bytes from the broker are not a valid task message."""
+    """Bytes from the broker are not a valid task message.
+
+    `reason` is machine-readable (dead letters and metrics group by it); the message is
+    for people. The JSON serializer's reasons: `empty`, `payload_too_large`,
+    `bad_signature`, `pickle_refused`, `not_utf8`, `invalid_json`, `too_deep`,
+    `unsupported_version`, `bad_schema`. Other serializers may add their own.
+    """
+
+    def __init__(self, message: str, reason: str = "undecodable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[DecodeError], tuple[str, str]]:
+        # Keeps `reason` when pickled (e.g. across worker processes).
+        return (type(self), (str(self), self.reason))
 
 
 class UnknownTask(QTasksError, LookupError):  # noqa: N818 - names users know from QTasks
@@ -160,3 +203,31 @@ class TaskPluginTriggerError(Exception):
     def __init__(self, message: str = "", **kwargs: object) -> None:
         super().__init__(message or "plugin trigger requested")
         self.kwargs = kwargs
+
+
+class TaskFailed(QTasksError):  # noqa: N818 - names what happened, as users see it
+    """A task a stream followed ended with status `error` or `cancel`.
+
+    `record` is its final record (`error_type`, `error_message`, `traceback`): what
+    `add_task(timeout=...)` would have returned.
+    """
+
+    def __init__(self, record: Task) -> None:
+        super().__init__(
+            f"task {record.name} {record.uuid} ended with status {record.status.value}: "
+            f"{record.error_type}: {record.error_message}"
+        )
+        self.record = record
+        self.uuid = str(record.uuid)
+        self.status = record.status
+        self.error_type = record.error_type
+        self.error_message = record.error_message
+        self.traceback = record.traceback
+
+
+class TaskNotFound(QTasksError, LookupError):  # noqa: N818 - names what happened
+    """No record of this task uuid: never enqueued here, or expired (result_ttl_seconds)."""
+
+    def __init__(self, uuid: str) -> None:
+        super().__init__(f"no task {uuid} (unknown or expired)")
+        self.uuid = uuid

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qtasks.errors import StateNotSupported
-from qtasks.message import Envelope, Task, TaskStatusEnum
+from qtasks.message import DeadLetter, Envelope, Task, TaskStatusEnum
 
 
 @dataclasses.dataclass(slots=True)
@@ -100,6 +100,20 @@ class Broker(abc.ABC):
             await asyncio.shield(storage.remove([str(t.uuid) for t in tasks]))
             raise
 
+    async def settle(
+        self, storage: Storage, records: Sequence[Task], deliveries: Sequence[Delivery]
+    ) -> None:
+        """Store `records`, then ack `deliveries`: the worker's write for finished tasks.
+
+        Brokers that can share a round trip with the storage (Redis with a Redis storage on
+        the same server) override this to send both at once; the records must still be
+        written before the acks take effect.
+        """
+        if records:
+            await storage.save(records)
+        if deliveries:
+            await self.ack(deliveries)
+
     async def heartbeat(self) -> None:
         """Tell the broker this consumer is alive (brokers that track liveness override it)."""
 
@@ -112,10 +126,12 @@ class Broker(abc.ABC):
         sizes = await self.queue_sizes(queues)
         return [QueueStats(queue=q, total=sizes.get(q, 0)) for q in queues]
 
-    async def discard(self, uuids: Sequence[str]) -> list[str]:
+    async def discard(self, uuids: Sequence[str], queues: Sequence[str] | None = None) -> list[str]:
         """Remove messages no worker has claimed yet; the uuids of those removed.
 
-        Used to cancel tasks that have not started. NotImplementedError if unsupported.
+        Used to cancel tasks that have not started. `queues` says where to look (brokers
+        that cannot search every queue need it); None: everywhere this broker can.
+        NotImplementedError if unsupported.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot remove queued messages")
 
@@ -125,6 +141,63 @@ class Broker(abc.ABC):
         Claimed messages stay with their workers. NotImplementedError if unsupported.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot purge queues")
+
+    # -- dead letters: messages set aside for an operator instead of run or retried ------
+    #
+    # A broker keeps each queue's dead letters next to the queue, for at least the
+    # configured `dead_letter_ttl_seconds` (None: until dropped). Brokers that cannot keep
+    # them inherit these defaults; the worker then acks the message (its error record
+    # stays in the storage) and logs that it could not be set aside.
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, DeadLetter]]) -> None:
+        """Settle claimed deliveries by moving each into its queue's dead letters.
+
+        Like `ack`, the claim ends; unlike it, the message is kept. Where the backend
+        allows, both happen in one atomic step; otherwise the dead letter is stored first,
+        so a crash in between leaves a duplicate, never a loss.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead letters")
+
+    async def dead_letters(
+        self, queues: Sequence[str], limit: int = 100, uuids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters of `queues`, newest first, at most `limit` (only `uuids` if given)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead letters")
+
+    async def drop_dead_letters(
+        self,
+        queues: Sequence[str],
+        uuids: Sequence[str] | None = None,
+        dead_at_most: float | None = None,
+    ) -> list[str]:
+        """Delete dead letters of `queues` (only `uuids` if given); the uuids deleted.
+
+        With `dead_at_most`, only letters set aside at or before that time go: a retried
+        message that failed again at once has a newer letter under the same uuid, which
+        the retry's own clean-up must not delete.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no dead letters")
+
+    async def startup_warnings(self) -> list[str]:
+        """Server settings that put tasks at risk (eviction, no persistence), one line each.
+
+        Called once after `start()`; the worker logs each line as a warning. A broker that
+        cannot read its server's settings (a managed service refusing CONFIG) returns [],
+        never raises: a warning is advice, not a reason to stop.
+        """
+        return []
+
+
+@dataclasses.dataclass(slots=True)
+class Steps:
+    """What `Storage.steps` returns: the next steps of one task, and its end once it ended."""
+
+    values: list[Any]
+    """Steps from position `after` on, in the order they were added (JSON data)."""
+    after: int
+    """The position after the last value: pass it as `after` to read on."""
+    final: Task | None = None
+    """The task's final record once it finished; `values` then holds every step left."""
 
 
 class Storage(abc.ABC):
@@ -161,6 +234,42 @@ class Storage(abc.ABC):
         NotImplementedError if this storage cannot list records.
         """
         raise NotImplementedError(f"{type(self).__name__} cannot list records by status")
+
+    # -- Steps: what a generator task yielded, streamed to producers while it runs ----------
+    #
+    # A task's steps are an append-only log next to its record: the worker adds each
+    # handler result of a generator task, in order, and producers read them from any
+    # position (`task.stream()`, `app.stream(uuid)`). The worker stores a task's last step
+    # before its final record, so a reader that sees the final record has every step. The
+    # log lives as long as the record (result_ttl_seconds after the task finished).
+
+    async def add_steps(self, uuid: str, values: Sequence[Any]) -> None:
+        """Append JSON values to task `uuid`'s steps, in order, and wake its readers.
+
+        NotImplementedError if this storage keeps no steps (the worker then streams none).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} keeps no task steps, so generator tasks cannot be "
+            f"streamed; use a storage that does (memory://, sqlite:///..., redis://...) or "
+            f"implement add_steps and steps of qtasks.interfaces.Storage"
+        )
+
+    async def steps(self, uuid: str, after: int, timeout: float) -> Steps:
+        """Task `uuid`'s steps from position `after` on (0 = the first step added).
+
+        Read on from the previous answer's `after` rather than by counting values: a
+        storage may keep entries of its own in the log (Redis: end marks).
+
+        Returns at once when there are any, or when the task's record is final (with that
+        record and every step left); otherwise waits up to `timeout` seconds for either,
+        without busy polling, and returns no values and no record if neither came.
+        NotImplementedError if this storage keeps no steps.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} keeps no task steps, so generator tasks cannot be "
+            f"streamed; use a storage that does (memory://, sqlite:///..., redis://...) or "
+            f"implement add_steps and steps of qtasks.interfaces.Storage"
+        )
 
     # -- State (qtasks.plugins.AsyncState): named key/value maps shared by every process --
     #

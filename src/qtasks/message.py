@@ -73,6 +73,45 @@ class Envelope(msgspec.Struct, frozen=True):
     body: bytes
 
 
+class DeadLetterReason(str, enum.Enum):
+    """Why a message was set aside instead of run or retried (machine-readable)."""
+
+    FAILED = "failed"
+    """The task raised and has no retries left (or none were allowed)."""
+    WORKER_LOST = "worker_lost"
+    """Delivered `max_deliveries` times without finishing: its worker died each time."""
+    UNKNOWN_TASK = "unknown_task"
+    """No task of that name is registered in the worker."""
+    REJECTED = "rejected"
+    """A plugin or middleware refused it before it ran."""
+    # Undecodable messages use DecodeError.reason: empty, payload_too_large, bad_signature,
+    # pickle_refused, not_utf8, invalid_json, too_deep, unsupported_version, bad_schema.
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """A message set aside for an operator: what it was, why, and when.
+
+    `body` is the message exactly as it arrived, so it can be inspected or sent again
+    (`app.retry_dead_letters`) even when it could not be decoded.
+    """
+
+    uuid: str
+    queue: str
+    reason: str
+    """A DeadLetterReason value, or a DecodeError reason for undecodable messages."""
+    body: bytes
+    name: str | None = None
+    detail: str = ""
+    """Human-readable: the error type and message, or what is wrong with the bytes."""
+    priority: int = 0
+    delivery_count: int = 1
+    created_at: float = 0.0
+    dead_at: float = 0.0
+
+
 def _as_datetime(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
 

@@ -66,6 +66,10 @@ class RouterTask(Generic[P, R]):
         """Enqueue through the including app (a coroutine on the async app)."""
         return self.bound.add_task(*args, **kwargs)
 
+    def stream(self, *args: Any, **kwargs: Any) -> Any:
+        """Enqueue and follow a generator task's steps through the including app."""
+        return self.bound.stream(*args, **kwargs)
+
     @property
     def definition(self) -> Any:
         """The registered TaskDefinition (once included)."""

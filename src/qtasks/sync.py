@@ -10,15 +10,15 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from qtasks.app import AsyncQueueTasks, TaskCall
 from qtasks.config import QueueConfig
-from qtasks.message import Task
-from qtasks.task import AsyncTask, TaskDefinition, caller_locals
+from qtasks.message import DeadLetter, Task
+from qtasks.task import AsyncTask, TaskDefinition, TaskStream, caller_locals
 
 if TYPE_CHECKING:
     from qtasks.interfaces import Broker, GlobalConfig, Storage
@@ -83,6 +83,36 @@ class Portal:
         loop.close()
 
 
+class SyncTaskStream:
+    """`TaskStream` for sync code: `for step in task.stream(...)`; each step is awaited on
+    the portal loop (see `qtasks.task.TaskStream` for what it yields and raises)."""
+
+    def __init__(self, portal: Portal, stream: TaskStream) -> None:
+        self.portal = portal
+        self.async_stream = stream
+
+    uuid = property(lambda self: self.async_stream.uuid, doc="The task followed.")
+    record = property(lambda self: self.async_stream.record, doc="The final record, at the end.")
+    result = property(lambda self: self.async_stream.result, doc="The task's result, at the end.")
+
+    def start(self) -> SyncTaskStream:
+        """Enqueue the task (or check the record exists); the first iteration calls it."""
+        self.portal.call(self.async_stream.start())
+        return self
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self.portal.call(self.async_stream.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def __repr__(self) -> str:
+        return repr(self.async_stream)
+
+
 class SyncTask(Generic[P, R]):
     """What `@app.task` returns on the sync app: call it locally or `.add_task(...)`."""
 
@@ -135,6 +165,11 @@ class SyncTask(Generic[P, R]):
         """Enqueue this task; with `timeout` wait for and return the finished record."""
         result: Task | None = self.app.portal.call(self.async_task.add_task(*args, **kwargs))
         return result
+
+    def stream(self, *args: Any, **kwargs: Any) -> SyncTaskStream:
+        """Enqueue this generator task and iterate its steps as they happen (options as in
+        `add_task`); see `qtasks.task.AsyncTask.stream`."""
+        return SyncTaskStream(self.app.portal, self.async_task.stream(*args, **kwargs))
 
     def __repr__(self) -> str:
         return f"<SyncTask {self.definition.name!r} ({self.definition.kind.value})>"
@@ -239,6 +274,31 @@ class QueueTasks:
     def wait(self, uuid: Any, timeout: float) -> Task:
         """The task's final record; WaitTimeout (carrying the uuid) if it takes longer."""
         return self.portal.call(self.core.wait(uuid, timeout))
+
+    def stream(self, uuid: Any, *, timeout: float | None = None) -> SyncTaskStream:
+        """Follow a task already enqueued, step by step; see `qtasks.asyncio.QueueTasks.stream`."""
+        return SyncTaskStream(self.portal, self.core.stream(uuid, timeout=timeout))
+
+    def dead_letters(
+        self,
+        queues: Sequence[str] | None = None,
+        limit: int = 100,
+        uuids: Sequence[Any] | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first; see `qtasks.asyncio.QueueTasks.dead_letters`."""
+        return self.portal.call(self.core.dead_letters(queues, limit, uuids))
+
+    def retry_dead_letters(
+        self, uuids: Sequence[Any] | None = None, queues: Sequence[str] | None = None
+    ) -> list[str]:
+        """Send dead letters again; see `qtasks.asyncio.QueueTasks.retry_dead_letters`."""
+        return self.portal.call(self.core.retry_dead_letters(uuids, queues))
+
+    def drop_dead_letters(
+        self, uuids: Sequence[Any] | None = None, queues: Sequence[str] | None = None
+    ) -> list[str]:
+        """Delete dead letters; see `qtasks.asyncio.QueueTasks.drop_dead_letters`."""
+        return self.portal.call(self.core.drop_dead_letters(uuids, queues))
 
     def run_forever(
         self, *, concurrency: int | None = None, queues: Sequence[str] | None = None

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import inspect
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from qtasks.message import DEFAULT_QUEUE, Task
+from qtasks.errors import TaskFailed, TaskNotFound, WaitTimeout
+from qtasks.message import DEFAULT_QUEUE, Task, TaskMessage, TaskStatusEnum
 from qtasks.middlewares import TaskMiddleware, as_middleware
 from qtasks.plugins.base import PluginEntry, task_plugin_entries
 from qtasks.plugins.depends import CallPlan, build_call_plan
@@ -194,6 +197,15 @@ def build_definition(
     )
 
 
+def check_streamable(definition: TaskDefinition) -> None:
+    """TypeError unless the task is a generator (only generators have steps to stream)."""
+    if definition.kind not in (FunctionKind.GENERATOR, FunctionKind.ASYNC_GENERATOR):
+        raise TypeError(
+            f"task {definition.name!r} is not a generator, so it has no steps to stream; "
+            f"nothing was enqueued. Use add_task(..., timeout=...) for its result"
+        )
+
+
 class AsyncTask(Generic[P, R]):
     """What `@app.task` returns on the async app: call it locally or `await .add_task(...)`."""
 
@@ -268,5 +280,145 @@ class AsyncTask(Generic[P, R]):
             **kwargs,
         )
 
+    def stream(
+        self,
+        *args: Any,
+        priority: int | None = None,
+        timeout: float | None = None,
+        delay: float | None = None,
+        eta: datetime | float | None = None,
+        queue: str | None = None,
+        headers: dict[str, str] | None = None,
+        task_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> TaskStream:
+        """Enqueue this generator task and follow its steps: `async for step in task.stream()`.
+
+        Options as in `add_task`; `timeout` bounds the wait for the task's end (see
+        `TaskStream`). Arguments are checked now; the task is sent at the first
+        iteration. TypeError, with nothing enqueued, for a task that is not a generator
+        (it has no steps: use `add_task(timeout=...)`).
+        """
+        check_streamable(self.definition)
+        if task_kwargs:
+            kwargs = {**kwargs, **task_kwargs}
+        message = self.app.build_message(
+            self.definition.name,
+            args,
+            kwargs,
+            priority=priority,
+            delay=delay,
+            eta=eta,
+            queue=queue,
+            headers=headers,
+        )
+        return TaskStream(self.app, str(message.uuid), timeout=timeout, message=message)
+
     def __repr__(self) -> str:
         return f"<AsyncTask {self.definition.name!r} ({self.definition.kind.value})>"
+
+
+STREAM_WAIT_CHUNK_SECONDS = 30.0
+"""How long one storage wait of a stream without a timeout lasts (it then waits again)."""
+
+
+class TaskStream:
+    """The steps of one task as they happen: `async for step in stream`.
+
+    A step is what a generator task yielded, after its generate_handler if it has one
+    (one item of the result list a generator without `return` value gets). The stream
+    replays the steps stored so far, then the live ones as the worker stores them, from
+    any process, and ends when the task does:
+
+    * `success`: the iteration stops; `record` is the final record and `result` its
+      `returning` (the generator's return value, else the list of steps);
+    * `error` or `cancel`: `TaskFailed` with the final record, after every step;
+    * not finished within `timeout` seconds of the first iteration: `WaitTimeout`. The
+      task goes on; `app.stream(uuid)` follows it again from its first step.
+
+    A retried task's stream goes on through the retry: it shows every attempt's steps in
+    turn. A task that is not a generator has no steps: its stream ends (or raises) when
+    it does, with the result in `result`. Made by `task.stream(...)`, which enqueues the
+    task at the first iteration (`uuid` is known at once), or by `app.stream(uuid)`,
+    which follows a task already enqueued (`TaskNotFound` if there is no record of it).
+    The storage must keep steps (memory, SQLite and Redis do); others raise
+    NotImplementedError. Holds nothing between iterations: breaking off needs no cleanup.
+    """
+
+    def __init__(
+        self,
+        app: AsyncQueueTasks,
+        uuid: str,
+        *,
+        timeout: float | None = None,
+        message: TaskMessage | None = None,
+    ) -> None:
+        self.app = app
+        self.uuid = uuid
+        """The task followed (a plugin that replaces the message may change it at start)."""
+        self.timeout = timeout
+        self.record: Task | None = None
+        """The final record, once the stream reached it."""
+        self._message = message
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._after = 0
+        self._deadline: float | None = None
+        self._started = False
+        self._ended = False
+
+    @property
+    def result(self) -> Any:
+        """The task's result (`record.returning`); None until the stream ended."""
+        return None if self.record is None else self.record.returning
+
+    async def start(self) -> TaskStream:
+        """Enqueue the task (or check the record exists); the first iteration calls it."""
+        if self._started:
+            return self
+        app = self.app
+        if self._message is not None:
+            record = await app.send(self._message)
+            self._message = None
+            self.uuid = str(record.uuid)
+        elif await app.get(self.uuid) is None:
+            raise TaskNotFound(self.uuid)
+        if self.timeout is not None:
+            self._deadline = time.monotonic() + self.timeout
+        self._started = True
+        return self
+
+    def __aiter__(self) -> TaskStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self._started:
+            await self.start()
+        while not self._buffer:
+            if self.record is not None:
+                self._end(self.record)
+            deadline = self._deadline
+            wait = STREAM_WAIT_CHUNK_SECONDS
+            if deadline is not None:
+                # Past the deadline one read still runs, without waiting: what is already
+                # stored is never reported as a timeout.
+                wait = min(max(deadline - time.monotonic(), 0.0), wait)
+            page = await self.app.storage.steps(self.uuid, self._after, wait)
+            self._buffer.extend(page.values)
+            self._after = page.after
+            if page.final is not None:
+                self.record = page.final
+            elif not page.values and deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(self.uuid, self.timeout or 0.0)
+        return self._buffer.popleft()
+
+    def _end(self, record: Task) -> None:
+        """Raise what ends the iteration: TaskFailed once for a failed task, then stop."""
+        if self._ended or record.status is TaskStatusEnum.SUCCESS:
+            self._ended = True
+            raise StopAsyncIteration
+        self._ended = True
+        raise TaskFailed(record)
+
+    def __repr__(self) -> str:
+        state = "new" if not self._started else "ended" if self.record else "following"
+        return f"<TaskStream {self.uuid} {state}>"

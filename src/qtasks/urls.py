@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from qtasks.errors import ConfigurationError
 
@@ -88,6 +88,17 @@ def register_backend(scheme: str, backend: Backend) -> None:
     _registered[scheme.lower()] = backend
 
 
+def entry_points(group: str) -> Any:
+    """The installed entry points of `group`.
+
+    importlib.metadata is imported only here: with the email package it pulls in, it
+    costs every worker ~3 MiB, and most apps never name a third-party scheme.
+    """
+    from importlib.metadata import entry_points as installed
+
+    return installed(group=group)
+
+
 def _load_entry_points() -> None:
     global _entry_points_loaded
     if _entry_points_loaded:
@@ -123,11 +134,41 @@ def backend_for(url: str) -> Backend:
     return backend
 
 
+_SECRET_PARAMETER = re.compile(
+    r"pass|pwd|secret|token|credential|api_?key|^auth$|authorization", re.IGNORECASE
+)
+"""Query parameters whose value is a secret: password=, sasl_plain_password=, token=, ..."""
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***', safe to log or show."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return url.replace(netloc[0], f"{user}:***", 1)
+    """The URL with its password and secret query values replaced by '***'; safe to show.
+
+    The one redaction function: logs, reprs, errors, the CLI and the dashboard show broker
+    and storage URLs only through it. The user name, host, port, path and other
+    parameters stay, so the URL still says where it points. It never raises: a URL it
+    cannot parse loses everything between the scheme and the last '@'.
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # e.g. a broken IPv6 host: hide whatever may be credentials
+        scheme, sep, rest = url.partition("://")
+        return f"{scheme}{sep}***@{rest.rsplit('@', 1)[1]}" if "@" in rest else url
+    if password is not None:
+        userinfo, _, hostinfo = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        start = url.index(parts.netloc)  # the netloc text as written, not re-encoded
+        url = f"{url[:start]}{user}:***@{hostinfo}{url[start + len(parts.netloc) :]}"
+    if parts.query and _SECRET_PARAMETER.search(parts.query):
+        url = _redact_query(url, parts.query)
+    return url
+
+
+def _redact_query(url: str, query: str) -> str:
+    pairs = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        secret = eq and value and _SECRET_PARAMETER.search(unquote(name))
+        pairs.append(f"{name}=***" if secret else item)
+    head, _, tail = url.rpartition(query)  # the query is the last part (fragments are rare)
+    return f"{head}{'&'.join(pairs)}{tail}"

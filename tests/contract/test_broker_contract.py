@@ -7,9 +7,11 @@ import time
 import uuid
 from typing import Any
 
+import pytest
+
 from qtasks.config import QueueConfig
 from qtasks.interfaces import Broker, Delivery, Storage
-from qtasks.message import Envelope, TaskMessage, new_uuid, record_for
+from qtasks.message import DeadLetter, Envelope, TaskMessage, new_uuid, record_for
 
 from .conftest import Harness, MakeBroker
 
@@ -275,3 +277,154 @@ async def test_settling_twice_is_harmless(broker: Broker) -> None:
     assert [d.body for d in again] == [other]
     await broker.ack(again)
     assert await broker.fetch(["q"], 10, 0.05) == []
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+
+def letter_for(d: Delivery, reason: str = "failed", **fields: Any) -> DeadLetter:
+    """The dead letter the worker would write for delivery `d`."""
+    return DeadLetter(
+        uuid=fields.pop("uuid", str(uuid.uuid4())),
+        queue=d.queue,
+        reason=reason,
+        body=d.body,
+        name=fields.pop("name", "job"),
+        detail=fields.pop("detail", "ValueError: boom"),
+        priority=d.priority,
+        delivery_count=d.delivery_count,
+        created_at=d.created_at,
+        dead_at=fields.pop("dead_at", time.time()),
+    )
+
+
+async def test_dead_letter_settles_and_keeps_the_message(broker: Broker) -> None:
+    await broker.publish([env("poison"), env("fine")])
+    got = await drain(broker, ["q"])
+    poison = next(d for d in got if d.body == b"poison")
+    fine = next(d for d in got if d.body == b"fine")
+    letter = letter_for(poison, "invalid_json", detail="bad JSON at byte 0")
+    await broker.dead_letter([(poison, letter)])
+    await broker.ack([fine])
+    assert await broker.fetch(["q"], 10, 0.1) == [], "a dead letter is not delivered again"
+    (kept,) = await broker.dead_letters(["q"])
+    assert kept == letter, "every field round-trips, the body byte for byte"
+    (stats,) = await broker.queue_stats(["q"])
+    assert stats.dead_lettered in (None, 1)
+    assert (await broker.queue_sizes(["q"])).get("q", 0) == 0, "dead letters are not queued"
+
+
+async def test_dead_letters_newest_first_limit_and_uuids(broker: Broker) -> None:
+    await broker.publish([env(f"m{i}") for i in range(5)])
+    got = await drain(broker, ["q"])
+    assert len(got) == 5
+    base = time.time() - 10
+    letters = [letter_for(d, dead_at=base + i) for i, d in enumerate(got)]
+    await broker.dead_letter(list(zip(got, letters, strict=True)))
+    listed = await broker.dead_letters(["q"], limit=3)
+    assert [x.uuid for x in listed] == [x.uuid for x in reversed(letters)][:3]
+    chosen = [letters[0].uuid, letters[3].uuid]
+    assert {x.uuid for x in await broker.dead_letters(["q"], uuids=chosen)} == set(chosen)
+    assert await broker.dead_letters(["q"], uuids=[str(uuid.uuid4())]) == []
+
+
+async def test_drop_dead_letters(broker: Broker) -> None:
+    await broker.publish([env("a"), env("b"), env("c"), env("x", queue="other")])
+    got = await drain(broker, ["q", "other"])
+    letters = [letter_for(d) for d in got]
+    await broker.dead_letter(list(zip(got, letters, strict=True)))
+    in_q = [x for x in letters if x.queue == "q"]
+    dropped = await broker.drop_dead_letters(["q"], [in_q[0].uuid, str(uuid.uuid4())])
+    assert dropped == [in_q[0].uuid]
+    assert {x.uuid for x in await broker.dead_letters(["q"])} == {x.uuid for x in in_q[1:]}
+    assert sorted(await broker.drop_dead_letters(["q"])) == sorted(x.uuid for x in in_q[1:])
+    assert await broker.dead_letters(["q"]) == []
+    (other,) = await broker.dead_letters(["other"])
+    assert other.body == b"x", "queues keep their dead letters apart"
+
+
+async def test_dead_letters_outlive_the_consumer(
+    make_broker: MakeBroker, broker_harness: Harness, started: Any, qconfig: QueueConfig
+) -> None:
+    first = await make_broker()
+    await first.publish([env(b"\xff\x00 raw")])
+    (d,) = await first.fetch(["q"], 10, 2.0)
+    letter = letter_for(d, "not_utf8")
+    await first.dead_letter([(d, letter)])
+    # A crashed consumer's claims come back; its dead letters must not.
+    second: Broker = await started.start(await broker_harness.kill(first, qconfig))
+    assert await second.fetch(["q"], 10, 1.5) == []
+    assert [x.body for x in await second.dead_letters(["q"])] == [b"\xff\x00 raw"]
+
+
+async def test_drop_dead_letters_spares_newer_ones(broker: Broker) -> None:
+    # A retried message that failed again at once has a newer letter under its uuid: the
+    # retry's clean-up (dead_at_most = the old letter's time) must leave it.
+    await broker.publish([env("old"), env("other")])
+    got = await drain(broker, ["q"])
+    now = time.time()
+    old = next(d for d in got if d.body == b"old")
+    other = next(d for d in got if d.body == b"other")
+    letters = [letter_for(old, dead_at=now - 5), letter_for(other, dead_at=now - 1)]
+    await broker.dead_letter(list(zip([old, other], letters, strict=True)))
+    assert await broker.drop_dead_letters(["q"], [letters[1].uuid], now - 3) == []
+    assert await broker.drop_dead_letters(["q"], None, now - 3) == [letters[0].uuid]
+    assert [x.uuid for x in await broker.dead_letters(["q"])] == [letters[1].uuid]
+
+
+# -- operator actions: purge, discard (cancel), queue detail ---------------------------------
+
+
+async def _or_unsupported(call: Any) -> Any:
+    try:
+        return await call
+    except NotImplementedError as exc:
+        pytest.skip(f"not supported by this broker (documented): {exc}")
+
+
+async def test_purge_drops_ready_and_delayed_but_not_claimed(broker: Broker) -> None:
+    envs = [env("r1"), env("r2"), env("later", eta=time.time() + 60), env("keep", queue="o")]
+    await broker.publish(envs)
+    (claimed,) = await broker.fetch(["q"], 1, 1.0)
+    dropped = await _or_unsupported(broker.purge(["q"]))
+    by_body = {e.body: e.uuid for e in envs}
+    expected = {by_body[b"r1"], by_body[b"r2"], by_body[b"later"]} - {by_body[claimed.body]}
+    assert set(dropped) == expected
+    assert await broker.fetch(["q"], 10, 0.1) == []
+    await broker.ack([claimed])
+    assert [d.body for d in await broker.fetch(["o"], 10, 1.0)] == [b"keep"]
+
+
+async def test_discard_removes_only_unclaimed_messages(broker: Broker) -> None:
+    first, second, later = env("first"), env("second"), env("later", eta=time.time() + 60)
+    await broker.publish([first, second, later])
+    (claimed,) = await broker.fetch(["q"], 1, 1.0)
+    other = second if claimed.body == b"first" else first
+    mine = first if claimed.body == b"first" else second
+    removed = await _or_unsupported(
+        broker.discard([other.uuid, later.uuid, mine.uuid, str(uuid.uuid4())], ["q"])
+    )
+    assert sorted(removed) == sorted([other.uuid, later.uuid]), "a claimed one is left alone"
+    assert await broker.fetch(["q"], 10, 0.1) == []
+    await broker.ack([claimed])
+
+
+async def test_queue_stats_split_when_reported(broker: Broker) -> None:
+    base = time.time() - 10
+    await broker.publish(
+        [
+            env("a", priority=1, created_at=base),
+            env("b", priority=1, created_at=base + 1),
+            env("c", priority=5, created_at=base + 2),
+            env("d", eta=time.time() + 60),
+        ]
+    )
+    (claimed,) = await broker.fetch(["q"], 1, 1.0)
+    assert claimed.body == b"a"
+    (stats,) = await broker.queue_stats(["q"])
+    assert stats.total == 4
+    if stats.ready is not None:
+        assert (stats.ready, stats.delayed, stats.in_flight) == (2, 1, 1)
+    if stats.by_priority is not None:
+        assert stats.by_priority == {1: 1, 5: 1}
+    await broker.ack([claimed])

@@ -8,8 +8,10 @@ import time
 from typing import Any
 
 import msgspec
+import pytest
 
 from qtasks.config import QueueConfig
+from qtasks.errors import EncodeError
 from qtasks.interfaces import Storage
 from qtasks.message import Task, TaskMessage, TaskStatusEnum, new_uuid, record_for
 
@@ -119,3 +121,122 @@ async def test_no_ttl_keeps_records(make_storage: MakeStorage, qconfig: QueueCon
     old.finished_at = time.time() - 10 * 86_400
     await storage.save([old])
     assert await storage.get(str(old.uuid)) == old
+
+
+# -- Steps: the log a generator task's stream reads ----------------------------------------
+
+
+async def test_steps_read_from_any_position(storage: Storage) -> None:
+    task = new_record()
+    await storage.add([task])
+    uuid = str(task.uuid)
+    await storage.add_steps(uuid, [1])
+    await storage.add_steps(uuid, [{"done": 2, "of": [3]}, None, "four"])
+    page = await storage.steps(uuid, 0, 0.0)
+    assert page.values == [1, {"done": 2, "of": [3]}, None, "four"]
+    assert page.final is None
+    rest = await storage.steps(uuid, 2, 0.0)
+    assert rest.values == [None, "four"]
+    assert rest.after == page.after
+
+
+async def test_steps_wait_until_the_timeout_when_nothing_comes(storage: Storage) -> None:
+    task = new_record()
+    await storage.add([task])
+    await storage.add_steps(str(task.uuid), ["a"])
+    page = await storage.steps(str(task.uuid), 0, 0.0)
+    start = time.monotonic()
+    empty = await storage.steps(str(task.uuid), page.after, 0.1)
+    assert (empty.values, empty.final) == ([], None)
+    assert 0.09 <= time.monotonic() - start < 1.0
+    unknown = await storage.steps(str(new_uuid()), 0, 0.05)
+    assert (unknown.values, unknown.final) == ([], None)
+
+
+async def test_a_new_step_wakes_a_reader(storage: Storage) -> None:
+    task = new_record()
+    await storage.add([task])
+    uuid = str(task.uuid)
+    reading = asyncio.ensure_future(storage.steps(uuid, 0, 5.0))
+    await asyncio.sleep(0.05)
+    assert not reading.done()
+    start = time.monotonic()
+    await storage.add_steps(uuid, ["first", "second"])
+    page = await asyncio.wait_for(reading, 2.0)
+    assert time.monotonic() - start < 0.5
+    assert page.values[0] == "first"  # the second may come with it or with the next read
+    assert page.final is None
+
+
+async def test_the_final_record_wakes_a_reader_with_every_step_left(storage: Storage) -> None:
+    task = new_record()
+    await storage.add([task])
+    uuid = str(task.uuid)
+    await storage.add_steps(uuid, [1, 2])
+    seen = await storage.steps(uuid, 0, 0.0)
+    reading = asyncio.ensure_future(storage.steps(uuid, seen.after, 5.0))
+    await asyncio.sleep(0.05)
+    assert not reading.done()
+    await storage.add_steps(uuid, [3])
+    third = await asyncio.wait_for(reading, 2.0)
+    assert third.values == [3]
+    reading = asyncio.ensure_future(storage.steps(uuid, third.after, 5.0))
+    await asyncio.sleep(0.05)
+    assert not reading.done()
+    start = time.monotonic()
+    done = finished(task, returning=[1, 2, 3])
+    await storage.save([done])
+    end = await asyncio.wait_for(reading, 2.0)
+    assert time.monotonic() - start < 0.5
+    assert (end.values, end.final) == ([], done)
+    # Read from the start after the end: every step, and the record, in one answer.
+    replay = await storage.steps(uuid, 0, 5.0)
+    assert (replay.values, replay.final) == ([1, 2, 3], done)
+
+
+async def test_a_task_without_steps_ends_its_readers_too(storage: Storage) -> None:
+    task = new_record()
+    await storage.add([task])
+    reading = asyncio.ensure_future(storage.steps(str(task.uuid), 0, 5.0))
+    await asyncio.sleep(0.05)
+    failed = finished(task, TaskStatusEnum.ERROR, error_message="boom")
+    await storage.save([failed])
+    page = await asyncio.wait_for(reading, 2.0)
+    assert (page.values, page.final) == ([], failed)
+
+
+async def test_steps_of_a_task_run_again_follow_the_old_ones(storage: Storage) -> None:
+    # A dead letter sent again keeps its uuid: its new run's steps come after the old ones.
+    task = new_record()
+    await storage.add([task])
+    uuid = str(task.uuid)
+    await storage.add_steps(uuid, ["old"])
+    await storage.save([finished(task, TaskStatusEnum.ERROR)])
+    ended = await storage.steps(uuid, 0, 0.0)
+    assert ended.values == ["old"]
+    await storage.save([task])  # `new` again
+    await storage.add_steps(uuid, ["new"])
+    page = await storage.steps(uuid, ended.after, 0.0)
+    assert (page.values, page.final) == (["new"], None)
+
+
+async def test_steps_go_with_their_record(make_storage: MakeStorage, qconfig: QueueConfig) -> None:
+    storage = await make_storage(dataclasses.replace(qconfig, result_ttl_seconds=0.1))
+    expiring, removed = new_record(), new_record()
+    await storage.add([expiring, removed])
+    for task in (expiring, removed):
+        await storage.add_steps(str(task.uuid), ["step"])
+    await storage.save([finished(expiring)])
+    await storage.remove([str(removed.uuid)])
+    assert (await storage.steps(str(removed.uuid), 0, 0.0)).values == []
+    await asyncio.sleep(0.15)
+    page = await storage.steps(str(expiring.uuid), 0, 0.0)
+    assert (page.values, page.final) == ([], None)
+
+
+async def test_a_step_that_is_not_json_is_refused(storage: Storage) -> None:
+    task = new_record()
+    await storage.add([task])
+    with pytest.raises(EncodeError, match="cannot be stored"):
+        await storage.add_steps(str(task.uuid), ["fine", object()])
+    assert (await storage.steps(str(task.uuid), 0, 0.0)).values == []

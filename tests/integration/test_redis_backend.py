@@ -313,6 +313,25 @@ async def test_enqueue_is_one_round_trip_and_idempotent(make: Callable[..., Any]
     assert await broker.fetch(["q"], 10, 0.05) == []
 
 
+async def test_settle_stores_records_and_acks_in_one_round_trip(make: Callable[..., Any]) -> None:
+    broker = await make(RedisBroker)
+    storage = await make(RedisStorage)
+    message = TaskMessage(uuid=new_uuid(), name="job", created_at=time.time())
+    envelope = Envelope(str(message.uuid), "q", 0, None, message.created_at, b"body")
+    await broker.enqueue(storage, [record_for(message)], [envelope])
+    (delivery,) = await broker.fetch(["q"], 10, 1.0)
+    waiting = asyncio.ensure_future(storage.wait(str(message.uuid), 5.0))
+    await asyncio.sleep(0.05)
+    final = msgspec.structs.replace(record_for(message), status=TaskStatusEnum.SUCCESS, returning=7)
+    final.finished_at = time.time()
+    calls = count_runs(broker.link)
+    await broker.settle(storage, [final], [delivery])
+    assert calls() == [["EVALSHA", "EVALSHA"]], "save and ack share one round trip"
+    assert (await asyncio.wait_for(waiting, 2.0)).returning == 7
+    assert (await broker.queue_sizes(["q"]))["q"] == 0, "acked"
+    assert await broker.fetch(["q"], 10, 0.05) == []
+
+
 async def test_concurrent_enqueues_are_coalesced(namespace: str) -> None:
     app = QueueTasks(namespace, broker_url=REDIS_URL)
 

@@ -318,3 +318,20 @@ def test_entrypoint_exits_with_the_code() -> None:
     result = run_python(["-c", "from qtasks.cli.main import entrypoint; entrypoint()", "run"])
     assert result.returncode == 2
     assert result.stderr == "Error: no app given: pass -A module:app or set QTASKS_APP\n"
+
+
+def test_run_with_an_unreachable_broker_is_one_line_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+
+    (tmp_path / "unreachable_app.py").write_text(
+        "from qtasks import QueueTasks\n"
+        "app = QueueTasks('u', broker_url='redis://user:s3cr3t-pw@127.0.0.1:1/0')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["-A", "unreachable_app:app", "run"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: Redis at redis://user:***@127.0.0.1:1/0")
+    assert err.count("\n") == 1
+    assert "s3cr3t-pw" not in err

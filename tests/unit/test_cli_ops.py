@@ -58,6 +58,8 @@ APP_SOURCE = """
     class PlainBroker(MemoryBroker):  # the interface's defaults: no discard, no purge
         discard = Broker.discard
         purge = Broker.purge
+        dead_letters = Broker.dead_letters
+        drop_dead_letters = Broker.drop_dead_letters
 
     class PlainStorage(MemoryStorage):  # cannot list records by status
         recent = Storage.recent
@@ -401,6 +403,10 @@ def test_backends_without_support_say_so(
     assert "cannot purge: PlainBroker cannot purge queues" in capsys.readouterr().err
     assert run(ops, "stats", "inspect", "queues", app="limited") == 0
     assert "default" in capsys.readouterr().out
+    assert run(ops, "dlq", "list", app="limited") == 1
+    assert "cannot list dead letters: PlainBroker keeps no dead letters" in capsys.readouterr().err
+    assert run(ops, "dlq", "drop", "--all", app="limited") == 1
+    assert "cannot drop dead letters: PlainBroker" in capsys.readouterr().err
 
 
 def on_app_named(module: ModuleType, name: str, coro_fn: Any) -> Any:
@@ -419,7 +425,15 @@ def on_app_named(module: ModuleType, name: str, coro_fn: Any) -> Any:
 
 @pytest.mark.parametrize(
     "argv",
-    [["stats", "inspect", "app"], ["add", "x"], ["cancel", "1"], ["retry", "1"], ["purge"]],
+    [
+        ["stats", "inspect", "app"],
+        ["add", "x"],
+        ["cancel", "1"],
+        ["retry", "1"],
+        ["purge"],
+        ["dlq", "list"],
+        ["dlq", "drop", "--all"],
+    ],
 )
 def test_no_app_exits_2(
     argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -427,3 +441,55 @@ def test_no_app_exits_2(
     monkeypatch.delenv("QTASKS_APP", raising=False)
     assert main(argv) == 2
     assert "no app given" in capsys.readouterr().err
+
+
+# -- dlq ---------------------------------------------------------------------------------
+
+
+def test_dlq_list_retry_drop(ops: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(ops, "dlq", "list") == 0
+    assert capsys.readouterr().out.strip() == "no dead letters"
+    first, second, third = add(ops, "boom"), add(ops, "boom"), add(ops, "nope")
+    work(ops, first, second, third)
+
+    assert run(ops, "dlq", "list") == 0
+    out = capsys.readouterr().out
+    for u in (first, second, third):
+        assert u in out
+    assert "RuntimeError: kaput" in out
+    assert "unknown_task" in out
+    assert "failed" in out
+
+    assert run(ops, "dlq", "list", "--json", "--limit", "2") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data) == 2
+    assert {"uuid", "reason", "detail", "queue", "body", "dead_at"} <= set(data[0])
+
+    assert run(ops, "dlq", "retry", first) == 0
+    assert capsys.readouterr().out == f"1 dead letter(s) sent again\n{first}\n"
+    assert get(ops, first).status is TaskStatusEnum.NEW
+    work(ops, first)
+    assert get(ops, first).status is TaskStatusEnum.ERROR, "boom fails again"
+
+    missing = str(uuid.uuid4())
+    assert run(ops, "dlq", "drop", second, missing) == 1
+    assert f"no dead letter {missing}" in capsys.readouterr().err
+    assert run(ops, "dlq", "drop", second) == 0
+    assert capsys.readouterr().out == f"1 dead letter(s) dropped\n{second}\n"
+
+    assert run(ops, "dlq", "drop") == 2
+    assert "UUID...) or pass --all" in capsys.readouterr().err
+    assert run(ops, "dlq", "drop", "--all", "-Q", "other") == 0
+    assert capsys.readouterr().out.startswith("0 dead letter(s) dropped")
+    assert run(ops, "dlq", "drop", "--all") == 0
+    assert capsys.readouterr().out.startswith("2 dead letter(s) dropped")
+    assert run(ops, "dlq", "list", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_dlq_retry_all(ops: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = add(ops, "boom")
+    work(ops, bad)
+    assert run(ops, "dlq", "retry", "--all") == 0
+    assert capsys.readouterr().out == f"1 dead letter(s) sent again\n{bad}\n"
+    assert run(ops, "dlq", "retry", "--all", bad) == 2

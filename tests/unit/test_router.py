@@ -133,3 +133,22 @@ def test_sync_app_includes_a_router_and_enqueues_through_it() -> None:
         assert app.get(record.uuid) is not None
     finally:
         app.close()
+
+
+async def test_router_generator_task_streams_its_steps(app: AsyncQueueTasks) -> None:
+    router = Router()
+
+    @router.task
+    async def count(n: int) -> Any:
+        for i in range(n):
+            yield i
+
+    app.include_router(router)
+    await app.start()
+    worker = Worker()
+    await worker.start(app)
+    try:
+        steps = [step async for step in count.stream(3, timeout=10)]
+    finally:
+        await worker.stop()
+    assert steps == [0, 1, 2]

@@ -169,7 +169,13 @@ async def test_queue_depths_by_kind_and_priority(url: str) -> None:
     inspect = AsyncStats(app).inspect()
     default, other = (await inspect.queues("default", "other")).data
     assert default == QueueStats(
-        queue="default", total=4, ready=3, delayed=1, in_flight=0, by_priority={1: 2, 5: 1}
+        queue="default",
+        total=4,
+        ready=3,
+        delayed=1,
+        in_flight=0,
+        dead_lettered=0,
+        by_priority={1: 2, 5: 1},
     )
     assert (other.total, other.ready, other.in_flight) == (1, 0, 1)
     text = str(await inspect.queues("default"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib
+import re
 import sys
 import textwrap
 import uuid
@@ -24,7 +25,7 @@ import pytest
 from qtasks.cli.main import main
 from qtasks.runtime.worker import Worker
 from qtasks.stats.report import TaskStats
-from qtasks.web.app import SESSION_COOKIE, Throughput, chart_svg, create_app
+from qtasks.web.app import CHART_SAMPLES, SESSION_COOKIE, Throughput, chart_svg, create_app
 
 with warnings.catch_warnings():
     # Starlette asks for `httpx2` now; the dev extra has httpx, which still works.
@@ -283,6 +284,47 @@ def test_cancel_and_purge_actions(mod: ModuleType) -> None:
         assert len(web.get("/api/tasks?status=cancel").json()["tasks"]) == 3
 
 
+def test_dead_letters_page_retry_drop_and_purge(any_mod: ModuleType) -> None:
+    first, second, third = add(any_mod, "flaky", 1), add(any_mod, "boom"), add(any_mod, "nope")
+    work(any_mod, first, second, third)
+    any_mod.FLAKY["fail"] = False
+
+    with client(any_mod) as web:
+        page = web.get("/dead-letters").text
+        for u in (first, second, third):
+            assert u in page
+        assert "unknown_task" in page
+        assert "ValueError: flaky failure 1" in page
+        assert "kaput &lt;script&gt;" in page, "details are escaped"
+        assert "Purge dead letters of default" in page
+        overview = web.get("/").text
+        assert "/dead-letters?queue=default" in overview, "the count links to the letters"
+        data = web.get("/api/dead-letters").json()
+        assert {x["uuid"] for x in data["dead_letters"]} == {first, second, third}
+        assert {x["reason"] for x in data["dead_letters"]} == {"failed", "unknown_task"}
+
+        response = web.post(f"/dead-letters/{first}/retry", headers=SAME_ORIGIN)
+        assert response.status_code == 303
+        assert response.headers["location"].startswith(f"/tasks/{first}?")
+        assert web.get(f"/api/tasks/{first}").json()["task"]["status"] == "new"
+
+        response = web.post(f"/api/dead-letters/{second}/drop", headers=SAME_ORIGIN)
+        assert response.json() == {"action": "drop", "uuids": [second]}
+        missing = web.post(f"/api/dead-letters/{second}/drop", headers=SAME_ORIGIN)
+        assert missing.status_code == 409
+        assert "no dead letter" in missing.json()["error"]
+        assert web.post(f"/dead-letters/{third}/drop").status_code == 403, "same origin only"
+
+        response = web.post("/queues/default/dead-letters/purge", headers=SAME_ORIGIN)
+        assert response.status_code == 303
+        assert "dropped 1 dead letter(s) of default" in web.get(response.headers["location"]).text
+        assert web.get("/api/dead-letters").json()["dead_letters"] == []
+
+    work(any_mod, first)
+    with client(any_mod) as web:
+        assert web.get(f"/api/tasks/{first}").json()["task"]["returning"] == 2
+
+
 def test_cross_origin_writes_are_refused(mod: ModuleType) -> None:
     bad = add(mod, "boom")
     work(mod, bad)
@@ -372,6 +414,22 @@ def test_throughput_from_counter_samples() -> None:
     assert svg.startswith("<svg")
     assert "peak 10.0 tasks/s" in svg
     assert "#dc2626" in svg  # failures drawn
+    assert "2 samples" in svg
+
+
+def test_throughput_chart_fills_from_the_right() -> None:
+    # One sample is one slot wide at the right edge, not a bar as wide as the chart.
+    svg = chart_svg([(1.0, 4.0, 0.0)], width=600)
+    found = re.search(r"<rect x='([\d.]+)' y='[\d.]+' width='([\d.]+)'", svg)
+    assert found is not None
+    x, bar_width = float(found[1]), float(found[2])
+    assert bar_width < 600 / (CHART_SAMPLES - 2)
+    assert x + bar_width == pytest.approx(599, abs=1.5)
+    assert "· 1 sample<" in svg
+    # More samples than slots: only the newest are drawn, the oldest dropped.
+    many = [(float(i), float(i), 0.0) for i in range(CHART_SAMPLES * 2)]
+    assert chart_svg(many).count("<rect") == CHART_SAMPLES - 1
+    assert f"last {CHART_SAMPLES * 2 - 1:.1f}/s" in chart_svg(many)
 
 
 # -- the command ------------------------------------------------------------------------

@@ -43,6 +43,21 @@ members, and each member only moves a committed offset forward. How qtasks maps 
   requeues and a crash redelivery is not counted; no native delays or priorities (both
   above). Queue sizes are the group's lag over the queue's topics (waiting, delayed,
   running and finished-but-not-yet-committed messages).
+* Dead letters. Each queue has a dead topic `<namespace>.<queue>.dead` (one partition,
+  created on first use with `cleanup.policy=compact,delete` and `retention.ms` =
+  `dead_letter_ttl_seconds`, or `compact` alone when the TTL is None). A letter is a
+  record keyed by the task uuid whose value is the whole `DeadLetter` packed with
+  msgpack (so every field round-trips, and a letter for an empty message is never
+  mistaken for a tombstone). `dead_letter` produces the letters (acks=all), then
+  finishes the original offsets through `ack`, so the commit moves past them: a crash in
+  between leaves a duplicate letter (the later one wins), never a lost one. Listing reads
+  the dead topic from its start up to the end offsets taken first, with a consumer of no
+  group, and folds the records by key: a later letter replaces an earlier one, a
+  tombstone (empty value) deletes it, and letters older than the TTL are skipped
+  (retention removes them later, a segment at a time). `drop_dead_letters` produces
+  tombstones; compaction then removes both. Each listing, drop and `queue_stats` (its
+  `dead_lettered` is the live count) reads the whole dead topic: fine for letters kept
+  for operators, not for a hot path.
 * No results: pair this broker with a storage (`storage_url='redis://...'` or
   `'sqlite:///...'`). The idempotent producer and transactions are not used.
 """
@@ -64,6 +79,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
+import msgspec
 from aiokafka import (  # type: ignore[import-untyped]
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -77,7 +93,8 @@ from qtasks._aio import wait_event
 from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerError, ConfigurationError
-from qtasks.interfaces import Broker, Delivery
+from qtasks.interfaces import Broker, Delivery, QueueStats
+from qtasks.message import DeadLetter
 from qtasks.urls import redact_url
 
 if TYPE_CHECKING:
@@ -96,6 +113,7 @@ _H_CREATED = "qtasks-created-us"
 _H_ETA = "qtasks-eta-us"
 _H_DELIVERIES = "qtasks-deliveries"
 _H_UUID = "qtasks-uuid"
+_H_REASON = "qtasks-reason"
 
 _TOPIC_CHARS = re.compile(r"^[A-Za-z0-9._-]+$")
 _TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
@@ -103,6 +121,7 @@ _MAX_POLL_RECORDS = 500
 _POLL_MS = 500
 _SETTLE_QUIET_SECONDS = 0.01
 _ASSIGNMENT_WAIT_SECONDS = 60.0
+_DEAD_SCAN_SECONDS = 30.0
 
 
 def _us(seconds: float) -> bytes:
@@ -262,6 +281,8 @@ class KafkaBroker(Broker):
         self._topics: dict[str, _Topic] = {}
         self._created: set[str] = set()
         self._creating: dict[str, asyncio.Task[None]] = {}
+        self._dead_created: set[str] = set()
+        self._dead_lock = asyncio.Lock()
         self._subscribed: set[str] = set()
         self._owned: dict[Any, _Partition] = {}
         self._limbo: dict[Any, _Partition] = {}
@@ -339,6 +360,10 @@ class KafkaBroker(Broker):
         """The delay topic of bucket `level` of a queue."""
         return f"{self.namespace}.{queue}.delay.{level}"
 
+    def dead_topic(self, queue: str) -> str:
+        """The topic keeping the dead letters of a queue."""
+        return f"{self.namespace}.{queue}.dead"
+
     def _queue_topics(self, queue: str) -> list[str]:
         if not _TOPIC_CHARS.match(queue):
             raise ConfigurationError(
@@ -360,6 +385,7 @@ class KafkaBroker(Broker):
         self._commit_lock = asyncio.Lock()
         self._subscribe_lock = asyncio.Lock()
         self._send_lock = asyncio.Lock()
+        self._dead_lock = asyncio.Lock()
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap_servers,
             acks="all",
@@ -949,6 +975,219 @@ class KafkaBroker(Broker):
                 f"Kafka did not take {len(failed)} of {len(live)} retries: {failed[0]!r}"
             ) from failed[0]
 
+    # -- dead letters ------------------------------------------------------------------
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, DeadLetter]]) -> None:
+        """Produce each letter to its dead topic, await Kafka's ack, then finish the offset."""
+        receipts = self._receipts([d for d, _ in items])
+        live: list[tuple[Delivery, DeadLetter]] = []
+        for (d, letter), r in zip(items, receipts, strict=True):
+            if r.settled:
+                continue
+            if r.part.lost:
+                r.settled = True  # the partition moved: its new owner runs it again
+                continue
+            live.append((d, letter))
+        if not live:
+            return
+        errors = await self._produce_dead(
+            [
+                (letter.queue, letter.uuid, msgspec.msgpack.encode(letter), letter.reason)
+                for _, letter in live
+            ]
+        )
+        confirmed = [d for (d, _), err in zip(live, errors, strict=True) if err is None]
+        await self.ack(confirmed)
+        failed = [err for err in errors if err is not None]
+        if failed:
+            raise BrokerError(
+                f"Kafka did not take {len(failed)} of {len(live)} dead letters: {failed[0]!r}"
+            ) from failed[0]
+
+    async def dead_letters(
+        self, queues: Sequence[str], limit: int = 100, uuids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters of `queues`, newest first (a scan of their dead topics)."""
+        names = list(dict.fromkeys(queues))
+        wanted = None if uuids is None else set(uuids)
+        if not names or limit <= 0 or wanted == set():
+            return []
+        cutoff = self._dead_cutoff()
+        found = [
+            letter
+            for letters in (await self._scan_dead(names)).values()
+            for letter in letters.values()
+            if letter.dead_at >= cutoff and (wanted is None or letter.uuid in wanted)
+        ]
+        found.sort(key=lambda x: x.dead_at, reverse=True)
+        return found[:limit]
+
+    async def drop_dead_letters(
+        self,
+        queues: Sequence[str],
+        uuids: Sequence[str] | None = None,
+        dead_at_most: float | None = None,
+    ) -> list[str]:
+        """Produce a tombstone for each letter of `queues` (only `uuids`, only those dead
+        at or before `dead_at_most` if given: a later letter under the uuid stays)."""
+        names = list(dict.fromkeys(queues))
+        wanted = None if uuids is None else set(uuids)
+        if not names or wanted == set():
+            return []
+        cutoff = self._dead_cutoff()
+        dropped: list[str] = []
+        tombstones: list[tuple[str, str, bytes | None, str]] = []
+        for queue, letters in (await self._scan_dead(names)).items():
+            for uuid, letter in letters.items():
+                if wanted is not None and uuid not in wanted:
+                    continue
+                if dead_at_most is not None and letter.dead_at > dead_at_most:
+                    continue  # the latest record of the uuid: a tombstone would delete it
+                tombstones.append((queue, uuid, None, ""))
+                if letter.dead_at >= cutoff:
+                    dropped.append(uuid)  # expired ones go too, without being reported
+        errors = await self._produce_dead(tombstones)
+        failed = [err for err in errors if err is not None]
+        if failed:
+            raise BrokerError(
+                f"Kafka did not take {len(failed)} of {len(tombstones)} tombstones: {failed[0]!r}"
+            ) from failed[0]
+        return dropped
+
+    def _dead_cutoff(self) -> float:
+        ttl = self.config.dead_letter_ttl_seconds
+        return float("-inf") if ttl is None else time.time() - ttl
+
+    async def _produce_dead(
+        self, items: Sequence[tuple[str, str, bytes | None, str]]
+    ) -> list[BaseException | None]:
+        """Send (queue, uuid, value, reason) records to dead topics, keyed by uuid; errors
+        per item. A value of None is a tombstone."""
+        if not items:
+            return []
+        producer = self._require(self._producer)
+        await self._ensure_dead_topics(item[0] for item in items)
+        futures: list[Any] = []
+        async with self._send_lock:
+            for queue, uuid, value, reason in items:
+                headers = [(_H_UUID, uuid.encode()), (_H_QUEUE, queue.encode())]
+                if reason:
+                    headers.append((_H_REASON, reason.encode()))
+                try:
+                    futures.append(
+                        await producer.send(
+                            self.dead_topic(queue), key=uuid.encode(), value=value, headers=headers
+                        )
+                    )
+                except KafkaError as exc:
+                    futures.append(_failed(exc))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    async def _ensure_dead_topics(self, queues: Iterable[str]) -> None:
+        """Create the dead topics of these queues (once per process)."""
+        wanted = [q for q in dict.fromkeys(queues) if q not in self._dead_created]
+        if not wanted:
+            return
+        for queue in wanted:
+            self._queue_topics(queue)  # ConfigurationError for a name Kafka cannot use
+        async with self._dead_lock:
+            wanted = [q for q in wanted if q not in self._dead_created]
+            if not wanted:
+                return
+            ttl = self.config.dead_letter_ttl_seconds
+            configs = {"cleanup.policy": "compact"}
+            if ttl is not None:
+                configs = {"cleanup.policy": "compact,delete", "retention.ms": str(int(ttl * 1000))}
+            admin = self._require(self._admin)
+            topics = [self.dead_topic(q) for q in wanted]
+            refused: list[str] = []
+            try:
+                response = await admin.create_topics(
+                    [NewTopic(t, 1, 1, topic_configs=configs) for t in topics]
+                )
+                for topic, code, _ in (e[:3] for e in response.topic_errors):
+                    if code not in (0, _TOPIC_EXISTS):
+                        refused.append(topic)
+                if refused:
+                    # A server that does not take these settings: the topic without them
+                    # still works (letters are then kept until dropped, reads skip old ones).
+                    response = await admin.create_topics([NewTopic(t, 1, 1) for t in refused])
+            except KafkaError as exc:
+                raise BrokerError(f"creating Kafka dead-letter topics failed: {exc!r}") from exc
+            if refused:
+                for topic, code, message in (e[:3] for e in response.topic_errors):
+                    if code not in (0, _TOPIC_EXISTS):
+                        raise BrokerError(
+                            f"creating Kafka topic {topic!r} failed: {code} {message}"
+                        )
+                log.warning("Kafka refused compaction/retention settings for %s", refused)
+            self._dead_created.update(wanted)
+
+    async def _scan_dead(self, queues: list[str]) -> dict[str, dict[str, DeadLetter]]:
+        """Each queue's letters by uuid (expired ones included): its dead topic read from
+        the start up to the end offsets taken first, later records replacing earlier ones
+        and tombstones deleting them."""
+        await self._ensure_dead_topics(queues)
+        admin = self._require(self._admin)
+        by_topic = {self.dead_topic(q): q for q in queues}
+        out: dict[str, dict[str, DeadLetter]] = {q: {} for q in queues}
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"qtasks-{self.consumer_id}-dead",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+        )
+        foreign = 0
+        try:
+            await consumer.start()
+            tps = []
+            for meta in await admin.describe_topics(list(by_topic)):
+                numbers = [p.get("partition") for p in meta.get("partitions") or ()]
+                for number in [n for n in numbers if isinstance(n, int)] or [0]:
+                    tps.append(TopicPartition(meta["topic"], number))
+            ends = await consumer.end_offsets(tps)
+            pending = {tp for tp in tps if ends.get(tp, 0) > 0}
+            if pending:
+                consumer.assign(list(pending))
+                await consumer.seek_to_beginning(*pending)
+            deadline = time.monotonic() + _DEAD_SCAN_SECONDS
+            while True:
+                for tp in list(pending):
+                    # The batch that holds the end offset comes whole, so a server answering
+                    # ListOffsets short (tansu: the last batch's first offset + 1) is fine.
+                    if await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"reading Kafka dead letters took over {_DEAD_SCAN_SECONDS}s")
+                batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
+                for tp, records in batches.items():
+                    letters = out[by_topic[tp.topic]]
+                    for record in records:
+                        # By key, as compaction keeps them: the last record of a key wins.
+                        key = bytes(record.key or b"").decode(errors="replace")
+                        if not record.value:
+                            letters.pop(key, None)  # a tombstone
+                            continue
+                        try:
+                            letter = msgspec.msgpack.decode(bytes(record.value), type=DeadLetter)
+                        except msgspec.DecodeError:
+                            foreign += 1
+                            continue
+                        letters[key] = letter
+        except KafkaError as exc:
+            raise BrokerError(f"reading Kafka dead letters failed: {exc!r}") from exc
+        finally:
+            await _quietly(consumer.stop())
+        if foreign:
+            log.warning(
+                "%d records in Kafka dead-letter topics are not qtasks dead letters", foreign
+            )
+        return out
+
     # -- inspection --------------------------------------------------------------------
 
     async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
@@ -989,13 +1228,26 @@ class KafkaBroker(Broker):
             sizes[queue] += max(end - int(start), 0)
         return sizes
 
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Totals (the group's lag) and the live dead letters of each queue (a scan)."""
+        stats = await super().queue_stats(queues)
+        if stats:
+            cutoff = self._dead_cutoff()
+            scanned = await self._scan_dead(list(dict.fromkeys(s.queue for s in stats)))
+            for entry in stats:
+                letters = scanned[entry.queue].values()
+                entry.dead_lettered = sum(1 for x in letters if x.dead_at >= cutoff)
+        return stats
+
     async def delete_queues(self, queues: Sequence[str]) -> None:
-        """Delete the topics behind these qtasks queues (for tests and tools)."""
+        """Delete the topics behind these qtasks queues, dead ones too (for tests and tools)."""
         admin = self._require(self._admin)
         topics = [t for q in queues for t in self._queue_topics(q)]
+        topics += [self.dead_topic(q) for q in queues]
         with contextlib.suppress(KafkaError):
             await admin.delete_topics(topics)
         self._created.difference_update(queues)
+        self._dead_created.difference_update(queues)
 
 
 async def _quietly(awaitable: Any) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from qtasks._aio import wait_event
 from qtasks.interfaces import Broker, Delivery, QueueStats
-from qtasks.message import Envelope
+from qtasks.message import DeadLetter, Envelope
 
 if TYPE_CHECKING:
     from qtasks.config import QueueConfig
@@ -25,7 +25,9 @@ class MemoryBroker(Broker):
     `join()` waits until every message is acked, so tests run until idle without sleeping.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, dead_letter_ttl_seconds: float | None = 7 * 86_400.0) -> None:
+        self.dead_letter_ttl_seconds = dead_letter_ttl_seconds
+        self._dead: dict[str, dict[str, DeadLetter]] = {}
         self._ready: dict[str, list[_Ready]] = {}
         self._delayed: list[tuple[float, int, Envelope, int]] = []
         self._in_flight: dict[int, tuple[Envelope, int]] = {}
@@ -38,7 +40,7 @@ class MemoryBroker(Broker):
     @classmethod
     def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> MemoryBroker:
         """Build from `memory://`."""
-        return cls()
+        return cls(dead_letter_ttl_seconds=config.dead_letter_ttl_seconds)
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         # Created lazily on the loop that uses them: a sync app may restart on a new loop.
@@ -163,8 +165,7 @@ class MemoryBroker(Broker):
                 sizes[env.queue] += 1
         return sizes
 
-    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
-        """Ready (per priority), delayed and in-flight messages of each queue."""
+    async def _queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
         out = {q: QueueStats(queue=q, total=0, ready=0, delayed=0, in_flight=0) for q in queues}
         for q, stats in out.items():
             by_priority: dict[int, int] = {}
@@ -182,7 +183,7 @@ class MemoryBroker(Broker):
             stats.total = (stats.ready or 0) + (stats.delayed or 0) + (stats.in_flight or 0)
         return list(out.values())
 
-    async def discard(self, uuids: Sequence[str]) -> list[str]:
+    async def discard(self, uuids: Sequence[str], queues: Sequence[str] | None = None) -> list[str]:
         """Remove unclaimed (ready or delayed) messages with these uuids."""
         wanted = set(uuids)
         removed: list[str] = []
@@ -210,6 +211,58 @@ class MemoryBroker(Broker):
         self._delayed = delayed
         self._update_idle()
         return dropped
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, DeadLetter]]) -> None:
+        for d, letter in items:
+            if self._in_flight.pop(d.receipt, None) is not None:
+                self._dead.setdefault(letter.queue, {})[letter.uuid] = letter
+        self._update_idle()
+
+    def _live_dead(self, queue: str) -> dict[str, DeadLetter]:
+        letters = self._dead.get(queue, {})
+        ttl = self.dead_letter_ttl_seconds
+        if ttl is not None and letters:
+            cutoff = time.time() - ttl
+            for uuid in [u for u, x in letters.items() if x.dead_at < cutoff]:
+                del letters[uuid]
+        return letters
+
+    async def dead_letters(
+        self, queues: Sequence[str], limit: int = 100, uuids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        wanted = None if uuids is None else set(uuids)
+        found = [
+            x
+            for q in queues
+            for x in self._live_dead(q).values()
+            if wanted is None or x.uuid in wanted
+        ]
+        found.sort(key=lambda x: x.dead_at, reverse=True)
+        return found[:limit]
+
+    async def drop_dead_letters(
+        self,
+        queues: Sequence[str],
+        uuids: Sequence[str] | None = None,
+        dead_at_most: float | None = None,
+    ) -> list[str]:
+        dropped: list[str] = []
+        for q in dict.fromkeys(queues):
+            letters = self._live_dead(q)
+            names = list(letters) if uuids is None else list(dict.fromkeys(uuids))
+            for uuid in names:
+                letter = letters.get(uuid)
+                if letter is not None and (dead_at_most is None or letter.dead_at <= dead_at_most):
+                    del letters[uuid]
+                    dropped.append(uuid)
+        return dropped
+
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Ready (per priority), delayed, in-flight and dead-lettered messages of each queue."""
+        out = await self._queue_stats(queues)
+        for stats in out:
+            stats.dead_lettered = len(self._live_dead(stats.queue))
+        return out
 
     async def join(self, timeout: float | None = None) -> None:
         """Wait until no message is ready, delayed or in flight."""

@@ -42,8 +42,28 @@ How qtasks maps onto RabbitMQ (3.8 or newer, no plugins):
   (where the same delivery tag means another message), and they are delivered again
   (at-least-once). One window is left: a connection lost between a requeue's confirm
   and its ack leaves both messages.
+* Dead letters. Each app has a durable direct exchange `<namespace>.dead` routing to a
+  durable queue per qtasks queue, `<namespace>.<queue>.dead` (binding key: the qtasks
+  queue), with `x-message-ttl` = `dead_letter_ttl_seconds`, so RabbitMQ expires old
+  letters itself (no server TTL when it is None or above RabbitMQ's limit of about 49
+  days; a dead queue that exists with another TTL is used as it is, with a warning).
+  Reads also skip and remove letters older than the TTL. Operators may bind more queues
+  to the exchange (an archive, an alert). A letter is a persistent message whose body is
+  the whole `DeadLetter` packed with msgpack (not the original body with the fields in
+  headers: a traceback can be larger than a frame, AMQP header floats lose precision and
+  pamqp cannot encode small negatives; packed, every field round-trips exactly);
+  `message_id` is the task uuid and two headers give its queue and reason for tools.
+  `dead_letter` publishes on the channel of the delivery's connection with confirms (one
+  batch), then acks the deliveries whose letters were confirmed: a lost connection in
+  between leaves a duplicate letter (listed once: the newest per uuid), never a lost
+  one. Listing reads a dead queue with basic.get without ack on a channel of its own and
+  closes it, which puts every letter back in its place: one round trip per letter, so it
+  is for operators, not hot paths, and while it runs other readers see fewer letters.
+  Dropping reads the same way and acks the letters it drops. The count in
+  `queue_stats` is the dead queue's message count.
 * Queue sizes count ready messages (as RabbitMQ reports them), delayed ones in the
-  buckets and this process's unsettled deliveries. Other consumers' unacked messages are
+  buckets and this process's unsettled deliveries (not those on their way to the dead
+  letters). Other consumers' unacked messages are
   not visible through AMQP (the management API would show them).
 * No results: pair this broker with a storage (`storage_url='redis://...'` or
   `'sqlite:///...'`).
@@ -61,12 +81,18 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+import msgspec
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+)
 from aio_pika.exceptions import (
     AMQPError,
     AuthenticationError,
@@ -78,7 +104,8 @@ from qtasks._aio import wait_event
 from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerError, ConfigurationError
-from qtasks.interfaces import Broker, Delivery
+from qtasks.interfaces import Broker, Delivery, QueueStats
+from qtasks.message import DeadLetter
 from qtasks.urls import redact_url
 
 if TYPE_CHECKING:
@@ -97,6 +124,9 @@ _H_PRIORITY = "x-qtasks-priority"
 _H_CREATED = "x-qtasks-created-us"  # epoch microseconds: AMQP floats are single precision
 _H_ETA = "x-qtasks-eta-us"
 _H_DELIVERIES = "x-qtasks-deliveries"
+_H_REASON = "x-qtasks-reason"
+
+_MAX_TTL_MS = 0xFFFFFFFF  # RabbitMQ refuses a larger x-message-ttl
 
 _FIRST_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 5.0
@@ -154,6 +184,12 @@ class _Session:
         self.prefetch = 0
         self.held: collections.Counter[str] = collections.Counter()
         """Per qtasks queue: deliveries received and not yet acked/nacked (unacked here)."""
+        self.dead_declared: set[str] = set()
+        self.dead_declaring: dict[str, asyncio.Task[None]] = {}
+        self.dead_exchange: AbstractExchange | None = None
+        self.dying: collections.Counter[str] = collections.Counter()
+        """Per qtasks queue: held deliveries on their way to the dead letters (not counted
+        in `queue_sizes`: their fate is settled, only the broker round trips are left)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -193,6 +229,7 @@ class RabbitMQBroker(Broker):
         self._session: _Session | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connect_lock = asyncio.Lock()
+        self._dead_lock = asyncio.Lock()
         self._arrived = asyncio.Event()
         self._arrivals = 0
         self._buffer: list[Delivery] = []
@@ -234,6 +271,14 @@ class RabbitMQBroker(Broker):
         """The delay bucket `level` of a qtasks queue."""
         return f"{self.namespace}.{queue}.delay.{level}"
 
+    def dead_exchange_name(self) -> str:
+        """The exchange every dead letter of this app is published to."""
+        return f"{self.namespace}.dead"
+
+    def dead_queue_name(self, queue: str) -> str:
+        """The queue keeping the dead letters of a qtasks queue."""
+        return f"{self.namespace}.{queue}.dead"
+
     def _priority_of(self, message: AbstractIncomingMessage) -> int:
         """The qtasks priority from our header, else mapped back from the AMQP one."""
         raw = (message.headers or {}).get(_H_PRIORITY)
@@ -252,6 +297,7 @@ class RabbitMQBroker(Broker):
         if self._loop is not loop:
             self._loop = loop
             self._connect_lock = asyncio.Lock()
+            self._dead_lock = asyncio.Lock()
             self._arrived = asyncio.Event()
 
     async def start(self) -> None:
@@ -640,6 +686,12 @@ class RabbitMQBroker(Broker):
             if receipt.session.closed:
                 stale += 1
                 continue
+            # Settled BEFORE the await: aiormq queues the frame first, so a caller
+            # cancelled here (a worker's flush at shutdown) has sent it anyway, and sending
+            # it again when that caller retries would be an unknown delivery tag, for which
+            # RabbitMQ closes the channel and takes back everything unacked on it.
+            receipt.settled = True
+            receipt.session.held[receipt.queue] -= 1
             try:
                 if requeue is None:
                     await receipt.message.ack()
@@ -650,8 +702,6 @@ class RabbitMQBroker(Broker):
                 log.debug("settling a RabbitMQ delivery failed: %r", exc)
                 stale += 1
                 continue
-            receipt.settled = True
-            receipt.session.held[receipt.queue] -= 1
             done += 1
         if stale:
             log.info(
@@ -715,6 +765,214 @@ class RabbitMQBroker(Broker):
                 f"RabbitMQ did not confirm {len(failed)} of {len(live)} retries: {failed[0]!r}"
             ) from failed[0]
 
+    # -- dead letters ------------------------------------------------------------------
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, DeadLetter]]) -> None:
+        """Publish each letter on its delivery's connection, await the confirms, then ack.
+
+        Deliveries from a lost connection are skipped: RabbitMQ has them back and delivers
+        them again. A delivery is acked only once its letter is confirmed.
+        """
+        receipts = self._receipts([d for d, _ in items])
+        groups: dict[int, list[tuple[_Receipt, DeadLetter]]] = {}
+        stale: list[_Receipt] = []
+        for (_, letter), receipt in zip(items, receipts, strict=True):
+            if receipt.settled:
+                continue
+            if receipt.session.closed:
+                stale.append(receipt)
+            else:
+                groups.setdefault(id(receipt.session), []).append((receipt, letter))
+        for group in groups.values():
+            for receipt, _ in group:
+                receipt.session.dying[receipt.queue] += 1
+        failed: list[BaseException] = []
+        total = 0
+        try:
+            if stale:
+                await self._settle_receipts(stale, requeue=None)  # sends nothing: logs them
+            for group in groups.values():
+                session = group[0][0].session
+                total += len(group)
+                queues = {letter.queue for _, letter in group}
+                exchange = await self._dead_exchange(session, queues)
+                results = await asyncio.gather(
+                    *(
+                        exchange.publish(_letter_message(letter), letter.queue, mandatory=True)
+                        for _, letter in group
+                    ),
+                    return_exceptions=True,
+                )
+                confirmed = [
+                    receipt
+                    for (receipt, _), result in zip(group, results, strict=True)
+                    if not isinstance(result, BaseException)
+                ]
+                await self._settle_receipts(confirmed, requeue=None)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    # Unroutable (a dead queue deleted since): declare again next time.
+                    session.dead_declared.difference_update(queues)
+                failed += errors
+        finally:
+            for group in groups.values():
+                for receipt, _ in group:
+                    receipt.session.dying[receipt.queue] -= 1
+        if failed:
+            raise BrokerError(
+                f"RabbitMQ did not confirm {len(failed)} of {total} dead letters: {failed[0]!r}"
+            ) from failed[0]
+
+    async def dead_letters(
+        self, queues: Sequence[str], limit: int = 100, uuids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters of `queues`, newest first (read and put back: see the module doc)."""
+        wanted = None if uuids is None else set(uuids)
+        if limit <= 0 or wanted == set():
+            return []
+        newest: dict[tuple[str, str], DeadLetter] = {}
+        for letter, _ in await self._visit_dead(queues, lambda _: False):
+            if wanted is not None and letter.uuid not in wanted:
+                continue
+            key = (letter.queue, letter.uuid)
+            seen = newest.get(key)
+            if seen is None or letter.dead_at >= seen.dead_at:
+                newest[key] = letter  # a duplicate (see dead_letter): the newest counts
+        return sorted(newest.values(), key=lambda x: x.dead_at, reverse=True)[:limit]
+
+    async def drop_dead_letters(
+        self,
+        queues: Sequence[str],
+        uuids: Sequence[str] | None = None,
+        dead_at_most: float | None = None,
+    ) -> list[str]:
+        """Ack the letters of `queues` (only `uuids`, only those dead at or before
+        `dead_at_most` if given); the others are put back."""
+        wanted = None if uuids is None else set(uuids)
+        if wanted == set():
+            return []
+
+        def chosen(letter: DeadLetter) -> bool:
+            if dead_at_most is not None and letter.dead_at > dead_at_most:
+                return False
+            return wanted is None or letter.uuid in wanted
+
+        dropped: dict[str, None] = {}
+        for letter, taken in await self._visit_dead(queues, chosen):
+            if taken:
+                dropped[letter.uuid] = None
+        return list(dropped)
+
+    async def _visit_dead(
+        self, queues: Sequence[str], drop: Callable[[DeadLetter], bool]
+    ) -> list[tuple[DeadLetter, bool]]:
+        """Read every dead letter of `queues` oldest first, acking (deleting) the expired
+        ones and those `drop` picks; the rest are put back by closing the
+        channel. The live letters read, each with whether it was dropped.
+        """
+        names = list(dict.fromkeys(queues))
+        if not names:
+            return []
+        session = await self._live_session(self.connect_timeout_seconds)
+        ttl = self.config.dead_letter_ttl_seconds
+        cutoff = None if ttl is None else time.time() - ttl
+        out: list[tuple[DeadLetter, bool]] = []
+        foreign = 0
+        try:
+            async with self._dead_lock:
+                for queue in names:
+                    await self._ensure_dead(session, queue)
+                    async with self._side_channel(session) as channel:
+                        dead = await channel.get_queue(self.dead_queue_name(queue), ensure=False)
+                        while True:
+                            message = await dead.get(no_ack=False, fail=False)
+                            if message is None:
+                                break
+                            letter = _unpack_letter(message.body)
+                            if letter is None:
+                                foreign += 1  # not written by qtasks: left alone
+                            elif cutoff is not None and letter.dead_at < cutoff:
+                                await message.ack()  # expired (RabbitMQ's TTL may be off)
+                            else:
+                                taken = drop(letter)
+                                if taken:
+                                    await message.ack()
+                                out.append((letter, taken))
+                            if not message.message_count:
+                                break  # that was the last one (the others are ours, unacked)
+        except (AMQPError, OSError, RuntimeError, asyncio.TimeoutError) as exc:
+            raise BrokerError(f"reading RabbitMQ dead letters failed: {exc!r}") from exc
+        if foreign:
+            log.warning(
+                "%d messages in RabbitMQ dead-letter queues are not qtasks dead letters", foreign
+            )
+        return out
+
+    async def _dead_exchange(self, session: _Session, queues: set[str]) -> AbstractExchange:
+        """The dead-letter exchange on the session's publisher channel, queues declared."""
+        missing = queues - session.dead_declared
+        if missing:
+            await asyncio.gather(*(self._ensure_dead(session, q) for q in missing))
+        if session.dead_exchange is None:
+            session.dead_exchange = await session.publisher.get_exchange(
+                self.dead_exchange_name(), ensure=False
+            )
+        return session.dead_exchange
+
+    async def _ensure_dead(self, session: _Session, queue: str) -> None:
+        """Declare a queue's dead-letter queue (and the exchange) once per session."""
+        if queue in session.dead_declared:
+            return
+        task = session.dead_declaring.get(queue)
+        if task is None:
+            task = asyncio.ensure_future(self._declare_dead(session, queue))
+            session.dead_declaring[queue] = task
+            task.add_done_callback(lambda _: session.dead_declaring.pop(queue, None))
+        await asyncio.shield(task)
+
+    async def _declare_dead(self, session: _Session, queue: str) -> None:
+        name = self.dead_queue_name(queue)
+        arguments: dict[str, Any] = {}
+        ttl = self.config.dead_letter_ttl_seconds
+        if ttl is not None and 0 <= ttl * 1000 <= _MAX_TTL_MS:
+            arguments["x-message-ttl"] = int(ttl * 1000 + 0.999)
+        mismatch: BaseException | None = None
+        # On channels of their own: a failed declaration closes its channel, and losing
+        # the publisher channel would drop the whole session.
+        async with self._side_channel(session) as channel:
+            await channel.declare_exchange(
+                self.dead_exchange_name(), aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            try:
+                dead = await channel.declare_queue(name, durable=True, arguments=arguments)
+            except ChannelPreconditionFailed as exc:
+                mismatch = exc
+            else:
+                await dead.bind(self.dead_exchange_name(), routing_key=queue)
+        if mismatch is not None:
+            log.warning(
+                "RabbitMQ dead-letter queue %r exists with other arguments (%s); using it as "
+                "it is (delete it to apply dead_letter_ttl_seconds)",
+                name,
+                mismatch,
+            )
+            async with self._side_channel(session) as channel:
+                dead = await channel.declare_queue(name, passive=True)
+                await dead.bind(self.dead_exchange_name(), routing_key=queue)
+        session.dead_declared.add(queue)
+        self.declared_queues.add(queue)
+
+    @contextlib.asynccontextmanager
+    async def _side_channel(self, session: _Session) -> AsyncIterator[AbstractChannel]:
+        """A short-lived channel: an error closes only it, and closing it puts back every
+        message it took without ack (in their places)."""
+        channel = await session.connection.channel(publisher_confirms=False)
+        try:
+            yield channel
+        finally:
+            with contextlib.suppress(AMQPError, OSError, RuntimeError, asyncio.TimeoutError):
+                await channel.close()
+
     # -- inspection --------------------------------------------------------------------
 
     async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
@@ -723,11 +981,25 @@ class RabbitMQBroker(Broker):
         sizes: dict[str, int] = {}
         for queue in dict.fromkeys(queues):
             counts = await self._declare(session, queue)
-            sizes[queue] = sum(counts) + max(session.held[queue], 0)
+            sizes[queue] = sum(counts) + max(session.held[queue] - session.dying[queue], 0)
         return sizes
 
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Totals (as `queue_sizes`) and the dead letters each queue keeps."""
+        stats = await super().queue_stats(queues)
+        if not stats:
+            return stats
+        session = await self._live_session(self.connect_timeout_seconds)
+        await asyncio.gather(*(self._ensure_dead(session, q) for q in {s.queue for s in stats}))
+        async with self._side_channel(session) as channel:
+            for entry in stats:
+                dead = await channel.declare_queue(self.dead_queue_name(entry.queue), passive=True)
+                entry.dead_lettered = int(dead.declaration_result.message_count or 0)
+        return stats
+
     async def delete_queues(self, queues: Sequence[str]) -> None:
-        """Delete the RabbitMQ queues (and delay buckets) behind these qtasks queues."""
+        """Delete the RabbitMQ queues (delay buckets, dead letters) behind these qtasks
+        queues, and the app's dead-letter exchange once no dead-letter queue is left."""
         session = await self._live_session(self.connect_timeout_seconds)
         for queue in queues:
             consumer = session.consuming.pop(queue, None)
@@ -735,7 +1007,36 @@ class RabbitMQBroker(Broker):
                 await consumer[0].cancel(consumer[1])
             names = [self.queue_name(queue)]
             names += [self.bucket_name(queue, level) for level in range(BUCKET_LEVELS)]
+            names.append(self.dead_queue_name(queue))
             for name in names:
                 await session.publisher.queue_delete(name)
             session.declared.discard(queue)
+            session.dead_declared.discard(queue)
             self.declared_queues.discard(queue)
+        try:
+            async with self._side_channel(session) as channel:
+                await channel.exchange_delete(self.dead_exchange_name(), if_unused=True)
+        except ChannelPreconditionFailed:
+            pass  # other queues still keep dead letters through it
+        else:
+            session.dead_declared.clear()  # declare again: the exchange is gone
+
+
+def _letter_message(letter: DeadLetter) -> aio_pika.Message:
+    """A dead letter as a persistent message: the packed DeadLetter, id and reason aside."""
+    return aio_pika.Message(
+        msgspec.msgpack.encode(letter),
+        headers={_H_QUEUE: letter.queue, _H_REASON: letter.reason},
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        content_type="application/msgpack",
+        type="qtasks.dead_letter",
+        message_id=letter.uuid,
+        timestamp=letter.dead_at,
+    )
+
+
+def _unpack_letter(body: bytes) -> DeadLetter | None:
+    try:
+        return msgspec.msgpack.decode(body, type=DeadLetter)
+    except msgspec.DecodeError:
+        return None

@@ -31,6 +31,11 @@ tag; every change is one Lua script, so it is atomic and one round trip):
   next due time, whichever is first. A claim that finds nothing deletes the (stale)
   tokens of its queues, so leftover tokens never cause spinning. `stop()` wakes its own
   blocked fetch through a per-consumer list.
+* Dead letters (messages set aside for an operator) live per queue in the `dead` hash
+  (uuid → msgpack of the `DeadLetter`) and the `dead_at` sorted set (uuid → dead_at).
+  `dead_letter` is `ack`'s script plus the letter's write, so the claim ends and the
+  letter appears atomically; each write trims its queue's letters older than
+  `dead_letter_ttl_seconds` and refreshes both keys' TTL, so they vanish once unused.
 * `ack`, `release` and `requeue` are one script call per batch (1000 messages per call).
   `enqueue` writes the task record (`SET NX`) and the message in the same script when the
   storage is a RedisStorage on the same link; concurrent calls are coalesced into few
@@ -55,12 +60,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from qtasks._redis import (
     BLOCKING_READ_MARGIN_SECONDS,
@@ -73,8 +81,8 @@ from qtasks._redis import (
     with_host,
 )
 from qtasks.errors import BrokerError, QTasksError
-from qtasks.interfaces import Broker, Delivery, Storage
-from qtasks.message import Envelope, Task
+from qtasks.interfaces import Broker, Delivery, QueueStats, Storage
+from qtasks.message import DeadLetter, Envelope, Task
 from qtasks.runtime.heartbeat import HeartbeatThread
 from qtasks.storages.redis import RedisStorage
 
@@ -252,27 +260,142 @@ return out
 """,
 )
 
+_SETTLE = """
+-- Ends claims for good (ack, dead_letter). KEYS[1] my inflight, KEYS[2] bodies,
+-- KEYS[3] counts; ARGV[1] key prefix; from ARGV[first], `step` per message: id, queue, ...
+-- Returns the ARGV index of each message settled here; a message another consumer holds
+-- now (swept and taken again) is left alone.
+local function settle(first, step)
+  local mids = {}
+  for i = first, #ARGV, step do mids[#mids + 1] = ARGV[i] end
+  local held = redis.call('HMGET', KEYS[1], unpack(mids))
+  redis.call('HDEL', KEYS[1], unpack(mids))
+  local gone, at = {}, {}
+  for j = 1, #mids do
+    local i = first + step * (j - 1)
+    if held[j] then
+      gone[#gone + 1] = mids[j]
+      at[#at + 1] = i
+    elseif redis.call('ZREM', ARGV[1] .. 'ready:' .. ARGV[i + 1], mids[j]) == 1 then
+      -- a sweep had given it back and nobody took it yet: settled all the same
+      gone[#gone + 1] = mids[j]
+      at[#at + 1] = i
+      redis.call('HDEL', KEYS[3], mids[j])
+    end
+  end
+  if #gone > 0 then redis.call('HDEL', KEYS[2], unpack(gone)) end
+  return at
+end
+"""
+
 ACK = script(
     "ack",
-    """
--- KEYS[1] my inflight, KEYS[2] bodies, KEYS[3] counts; ARGV[1] key prefix,
--- then 2 per message: id, queue
-local mids = {}
-for i = 2, #ARGV, 2 do mids[#mids + 1] = ARGV[i] end
-local held = redis.call('HMGET', KEYS[1], unpack(mids))
-redis.call('HDEL', KEYS[1], unpack(mids))
-local gone = {}
-for j = 1, #mids do
-  if held[j] then
-    gone[#gone + 1] = mids[j]
-  elseif redis.call('ZREM', ARGV[1] .. 'ready:' .. ARGV[2 * j + 1], mids[j]) == 1 then
-    -- a sweep had given it back and nobody took it yet: finished all the same
-    gone[#gone + 1] = mids[j]
-    redis.call('HDEL', KEYS[3], mids[j])
+    _SETTLE
+    + """
+-- ARGV[1] key prefix, then 2 per message: id, queue
+return #settle(2, 2)
+""",
+)
+
+DEAD_LETTER = script(
+    "dead_letter",
+    _SETTLE
+    + """
+-- ARGV[1] key prefix, ARGV[2] expiry cutoff (dead_at), ARGV[3] TTL in ms ('' = keep
+-- until dropped), then 5 per message: id, queue, uuid, dead_at, packed DeadLetter.
+-- The message leaves its consumer and the queue and becomes its queue's dead letter; each
+-- written queue's letters older than the cutoff are trimmed and its keys' TTL refreshed.
+local at = settle(4, 5)
+local touched = {}
+for _, i in ipairs(at) do
+  local q = ARGV[i + 1]
+  redis.call('HSET', ARGV[1] .. 'dead:' .. q, ARGV[i + 2], ARGV[i + 4])
+  redis.call('ZADD', ARGV[1] .. 'dead_at:' .. q, ARGV[i + 3], ARGV[i + 2])
+  touched[q] = true
+end
+for q in pairs(touched) do
+  local h, z = ARGV[1] .. 'dead:' .. q, ARGV[1] .. 'dead_at:' .. q
+  if ARGV[3] == '' then
+    redis.call('PERSIST', h)
+    redis.call('PERSIST', z)
+  else
+    local old = redis.call('ZRANGEBYSCORE', z, '-inf', '(' .. ARGV[2], 'LIMIT', 0, 1000)
+    if #old > 0 then
+      redis.call('HDEL', h, unpack(old))
+      redis.call('ZREM', z, unpack(old))
+    end
+    redis.call('PEXPIRE', h, ARGV[3])
+    redis.call('PEXPIRE', z, ARGV[3])
   end
 end
-if #gone > 0 then redis.call('HDEL', KEYS[2], unpack(gone)) end
-return #gone
+return #at
+""",
+)
+
+DEAD_LETTERS = script(
+    "dead_letters",
+    """
+-- Queue i: KEYS[2i-1] dead letters, KEYS[2i] their ages; ARGV[1] cutoff (dead_at; older
+-- ones are expired), ARGV[2] limit, ARGV[3..] uuids (none: the newest `limit` of each).
+-- Returns the packed letters.
+local cutoff = tonumber(ARGV[1]) or -math.huge
+local out = {}
+for i = 1, #KEYS, 2 do
+  local ids
+  if #ARGV > 2 then
+    ids = {}
+    for a = 3, #ARGV do
+      local score = redis.call('ZSCORE', KEYS[i + 1], ARGV[a])
+      if score and tonumber(score) >= cutoff then ids[#ids + 1] = ARGV[a] end
+    end
+  else
+    ids = redis.call('ZREVRANGEBYSCORE', KEYS[i + 1], '+inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+  end
+  if #ids > 0 then
+    for _, letter in ipairs(redis.call('HMGET', KEYS[i], unpack(ids))) do
+      if letter then out[#out + 1] = letter end
+    end
+  end
+end
+return out
+""",
+)
+
+DROP_DEAD_LETTERS = script(
+    "drop_dead_letters",
+    """
+-- Queue i: KEYS[2i-1] dead letters, KEYS[2i] their ages; ARGV[1] cutoff (dead_at; older
+-- ones are expired, dropped but not reported), ARGV[2] newest dead_at to drop ('+inf':
+-- any), ARGV[3..] uuids (none: every letter). Returns the uuids dropped.
+local cutoff = tonumber(ARGV[1]) or -math.huge
+local newest = tonumber(ARGV[2]) or math.huge
+local out = {}
+for i = 1, #KEYS, 2 do
+  if #ARGV > 2 then
+    for a = 3, #ARGV do
+      local score = redis.call('ZSCORE', KEYS[i + 1], ARGV[a])
+      if score and tonumber(score) <= newest then
+        redis.call('ZREM', KEYS[i + 1], ARGV[a])
+        redis.call('HDEL', KEYS[i], ARGV[a])
+        if tonumber(score) >= cutoff then out[#out + 1] = ARGV[a] end
+      end
+    end
+  elseif ARGV[2] == '+inf' then
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], ARGV[1], '+inf')) do
+      out[#out + 1] = id
+    end
+    redis.call('DEL', KEYS[i], KEYS[i + 1])
+  else
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], ARGV[1], ARGV[2])) do
+      out[#out + 1] = id
+    end
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], '-inf', ARGV[2])) do
+      redis.call('ZREM', KEYS[i + 1], id)
+      redis.call('HDEL', KEYS[i], id)
+    end
+  end
+end
+return out
 """,
 )
 
@@ -422,6 +545,107 @@ end
 return sizes
 """,
 )
+
+
+QUEUE_STATS = script(
+    "queue_stats",
+    """
+-- KEYS[1] consumers; ARGV[1] key prefix, ARGV[2] most ready messages to split by
+-- priority, ARGV[3..] queues. Per queue: ready, delayed, in flight, then priority/count
+-- pairs (none when the queue holds more than ARGV[2] ready messages).
+local out, index = {}, {}
+for i = 3, #ARGV do
+  local q = ARGV[i]
+  local ready = ARGV[1] .. 'ready:' .. q
+  local n = redis.call('ZCARD', ready)
+  local row = {n, redis.call('ZCARD', ARGV[1] .. 'delayed:' .. q), 0}
+  if n <= tonumber(ARGV[2]) then
+    local counts, order = {}, {}
+    local flat = redis.call('ZRANGE', ready, 0, -1, 'WITHSCORES')
+    for j = 2, #flat, 2 do
+      local p = flat[j]
+      if not counts[p] then counts[p] = 0; order[#order + 1] = p end
+      counts[p] = counts[p] + 1
+    end
+    for _, p in ipairs(order) do row[#row + 1] = p; row[#row + 1] = counts[p] end
+  end
+  out[i - 2] = row
+  index[q] = i - 2
+end
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  for _, v in ipairs(redis.call('HVALS', ARGV[1] .. 'inflight:' .. id)) do
+    local k = index[string.match(v, '^%d+:[^:]*:(.*)$')]
+    if k then out[k][3] = out[k][3] + 1 end
+  end
+end
+return out
+""",
+)
+
+PURGE = script(
+    "purge",
+    """
+-- ARGV[1] key prefix, ARGV[2..] queues. Drops their ready and delayed messages (claimed
+-- ones stay with their workers); returns the message ids dropped.
+local out = {}
+for i = 2, #ARGV do
+  local q = ARGV[i]
+  local ready, delayed = ARGV[1] .. 'ready:' .. q, ARGV[1] .. 'delayed:' .. q
+  for _, id in ipairs(redis.call('ZRANGE', ready, 0, -1)) do out[#out + 1] = id end
+  for _, m in ipairs(redis.call('ZRANGE', delayed, 0, -1)) do
+    out[#out + 1] = string.match(m, '^[^:]*:(.*)$')
+  end
+  redis.call('DEL', ready, delayed, ARGV[1] .. 'wake:' .. q)
+end
+for i = 1, #out, 1000 do
+  local part = {unpack(out, i, math.min(i + 999, #out))}
+  redis.call('HDEL', ARGV[1] .. 'bodies', unpack(part))
+  redis.call('HDEL', ARGV[1] .. 'counts', unpack(part))
+end
+return out
+""",
+)
+
+DISCARD = script(
+    "discard",
+    """
+-- ARGV[1] key prefix, ARGV[2] how many queues (n), ARGV[3..n+2] queues, then message ids.
+-- Removes each id that is ready or delayed in one of the queues (not a claimed one);
+-- returns the ids removed.
+local n = tonumber(ARGV[2])
+local out = {}
+for i = n + 3, #ARGV do
+  local id = ARGV[i]
+  for j = 3, n + 2 do
+    local q = ARGV[j]
+    local gone = redis.call('ZREM', ARGV[1] .. 'ready:' .. q, id) == 1
+    if not gone then
+      local delayed = ARGV[1] .. 'delayed:' .. q
+      local cursor = '0'
+      repeat
+        local page = redis.call('ZSCAN', delayed, cursor, 'MATCH', '*:' .. id, 'COUNT', 1000)
+        cursor = page[1]
+        for k = 1, #page[2], 2 do
+          redis.call('ZREM', delayed, page[2][k])
+          gone = true
+        end
+      until cursor == '0' or gone
+    end
+    if gone then
+      redis.call('HDEL', ARGV[1] .. 'bodies', id)
+      redis.call('HDEL', ARGV[1] .. 'counts', id)
+      out[#out + 1] = id
+      break
+    end
+  end
+end
+return out
+""",
+)
+
+# Ready messages a queue may hold for `queue_stats` to split them by priority (the split
+# reads every member; beyond this the split is left out rather than block Redis).
+PRIORITY_SPLIT_LIMIT = 50_000
 
 
 def message_id(envelope: Envelope) -> str:
@@ -668,18 +892,62 @@ class RedisBroker(RedisComponent, Broker):
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Forget finished messages (one script call per 1000)."""
-        if not deliveries:
+        if deliveries:
+            await self._settle(ACK, [self.keys.prefix], deliveries)
+
+    async def settle(
+        self, storage: Storage, records: Sequence[Task], deliveries: Sequence[Delivery]
+    ) -> None:
+        """Records, then acks, in ONE round trip when the storage shares this link.
+
+        Redis runs a connection's commands in order, so the records are written before
+        the acks; both are safe to repeat, so a dropped connection just retries them.
+        """
+        if not (records and isinstance(storage, RedisStorage) and storage._link is self._link):
+            await super().settle(storage, records, deliveries)
             return
+        commands = [storage.save_command(records)]
+        if deliveries:
+            commands += self._settle_commands(ACK, [self.keys.prefix], deliveries)
+        await self._run(commands, retry=True)
+        storage.saved(records)
+
+    async def _settle(
+        self,
+        s: Script,
+        head: list[Any],
+        deliveries: Sequence[Delivery],
+        extra: Sequence[tuple[Any, ...]] | None = None,
+    ) -> None:
+        await self._run(self._settle_commands(s, head, deliveries, extra), retry=True)
+
+    def _settle_commands(
+        self,
+        s: Script,
+        head: list[Any],
+        deliveries: Sequence[Delivery],
+        extra: Sequence[tuple[Any, ...]] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        # Ends claims with a script built on _SETTLE: `head`, then per message its id,
+        # its queue and its `extra` arguments; one call per 1000, safe to repeat.
         k, me = self.keys, self.consumer_id
         held = self._held
+        keys = [k.inflight(me), k.bodies, k.counts]
         commands = []
-        for part in _chunks(deliveries):
-            args: list[Any] = [k.prefix]
-            for d in part:
-                held.discard(d.receipt)
-                args += (d.receipt, d.queue)
-            commands.append(ACK.command([k.inflight(me), k.bodies, k.counts], args))
-        await self._run(commands, retry=True)
+        for start in range(0, len(deliveries), MAX_BATCH):
+            part = deliveries[start : start + MAX_BATCH]
+            args: list[Any] = list(head)
+            if extra is None:
+                for d in part:
+                    held.discard(d.receipt)
+                    args += (d.receipt, d.queue)
+            else:
+                more = extra[start : start + MAX_BATCH]
+                for d, e in zip(part, more, strict=True):
+                    held.discard(d.receipt)
+                    args += (d.receipt, d.queue, *e)
+            commands.append(s.command(keys, args))
+        return commands
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         """Give unstarted messages back as if never delivered."""
@@ -719,6 +987,143 @@ class RedisBroker(RedisComponent, Broker):
         sizes = await self._eval(SIZES, [self.keys.consumers], [self.keys.prefix, *names])
         return {q: int(n) for q, n in zip(names, sizes, strict=True)}
 
+    async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
+        """Messages waiting or in flight, and dead letters, of each queue (one round trip)."""
+        names = list(dict.fromkeys(queues))
+        if not names:
+            return []
+        k = self.keys
+        cutoff = self._dead_cutoff()
+        head = [k.prefix, PRIORITY_SPLIT_LIMIT, *names]
+        commands: list[tuple[Any, ...]] = [QUEUE_STATS.command([k.consumers], head)]
+        commands += [("ZCOUNT", k.dead_at(q), cutoff, "+inf") for q in names]
+        replies = await self._run(commands)
+        out: dict[str, QueueStats] = {}
+        for q, row, dead in zip(names, replies[0], replies[1:], strict=True):
+            ready, delayed, in_flight = (int(x) for x in row[:3])
+            pairs = row[3:]
+            by_priority = None
+            if ready <= PRIORITY_SPLIT_LIMIT:
+                by_priority = {
+                    int(float(pairs[i])): int(pairs[i + 1]) for i in range(0, len(pairs), 2)
+                }
+                by_priority = dict(sorted(by_priority.items()))
+            out[q] = QueueStats(
+                queue=q,
+                total=ready + delayed + in_flight,
+                ready=ready,
+                delayed=delayed,
+                in_flight=in_flight,
+                dead_lettered=int(dead),
+                by_priority=by_priority,
+            )
+        return [out[q] for q in queues]
+
+    async def purge(self, queues: Sequence[str]) -> list[str]:
+        """Drop the ready and delayed messages of `queues` (one script call)."""
+        names = list(dict.fromkeys(queues))
+        if not names:
+            return []
+        ids = await self._eval(PURGE, [], [self.keys.prefix, *names])
+        return [_uuid_of(raw) for raw in ids]
+
+    async def discard(self, uuids: Sequence[str], queues: Sequence[str] | None = None) -> list[str]:
+        """Remove unclaimed messages of `uuids` from `queues`.
+
+        A message's id holds its creation time, so it is found first by scanning the
+        bodies hash (HSCAN, a page per round trip: Redis is never blocked on a long
+        queue); the removal is one script that takes only messages still ready or
+        delayed, so a message claimed meanwhile is left to its worker.
+        """
+        if queues is None:
+            raise NotImplementedError(
+                "RedisBroker.discard needs the queues to look in (cancel passes the task's)"
+            )
+        names = list(dict.fromkeys(queues))
+        ids = await self._find_ids(list(dict.fromkeys(str(u) for u in uuids)))
+        if not ids or not names:
+            return []
+        removed = await self._eval(DISCARD, [], [self.keys.prefix, len(names), *names, *ids])
+        return [_uuid_of(raw) for raw in removed]
+
+    async def _find_ids(self, uuids: list[str]) -> list[str]:
+        ids: list[str] = []
+        for uuid in uuids:
+            cursor: Any = 0
+            while True:
+                cursor, flat = await self._call(
+                    "HSCAN", self.keys.bodies, cursor, "MATCH", f"*:{uuid}", "COUNT", 1000
+                )
+                ids += [flat[i].decode() for i in range(0, len(flat), 2)]
+                if int(cursor) == 0:
+                    break
+        return ids
+
+    # -- dead letters --------------------------------------------------------------------
+
+    def _dead_cutoff(self) -> str:
+        # Letters older than this are expired: skipped by reads, trimmed by writes.
+        ttl = self.config.dead_letter_ttl_seconds
+        return "-inf" if ttl is None else repr(time.time() - ttl)
+
+    async def dead_letter(self, items: Sequence[tuple[Delivery, DeadLetter]]) -> None:
+        """Settle claims into their queues' dead letters: one script call per 1000.
+
+        Built on the same claim check as `ack`: a message another consumer holds now (swept
+        and taken again) is left alone, so a repeated call writes no second letter.
+        """
+        if not items:
+            return
+        ttl = self.config.dead_letter_ttl_seconds
+        ttl_ms = "" if ttl is None else str(max(1, math.ceil(ttl * 1000)))
+        head = [self.keys.prefix, self._dead_cutoff(), ttl_ms]
+        extra = [(x.uuid, repr(x.dead_at), _LETTER_ENCODER.encode(x)) for _, x in items]
+        await self._settle(DEAD_LETTER, head, [d for d, _ in items], extra)
+
+    def _dead_keys(self, names: list[str]) -> list[str]:
+        k = self.keys
+        return [key for q in names for key in (k.dead(q), k.dead_at(q))]
+
+    async def dead_letters(
+        self, queues: Sequence[str], limit: int = 100, uuids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters of `queues`, newest first, at most `limit` (only `uuids` if given)."""
+        names = list(dict.fromkeys(queues))
+        wanted = None if uuids is None else list(dict.fromkeys(str(u) for u in uuids))
+        if limit <= 0 or not names or wanted == []:
+            return []
+        keys, head = self._dead_keys(names), [self._dead_cutoff(), limit]
+        if wanted is None:
+            commands = [DEAD_LETTERS.command(keys, head)]
+        else:
+            commands = [DEAD_LETTERS.command(keys, [*head, *part]) for part in _chunks(wanted)]
+        replies = await self._run(commands)
+        letters = [_LETTER_DECODER.decode(raw) for reply in replies for raw in reply]
+        letters.sort(key=lambda x: x.dead_at, reverse=True)
+        return letters[:limit]
+
+    async def drop_dead_letters(
+        self,
+        queues: Sequence[str],
+        uuids: Sequence[str] | None = None,
+        dead_at_most: float | None = None,
+    ) -> list[str]:
+        """Delete dead letters of `queues` (only `uuids` if given); the uuids deleted."""
+        names = list(dict.fromkeys(queues))
+        wanted = None if uuids is None else list(dict.fromkeys(str(u) for u in uuids))
+        if not names or wanted == []:
+            return []
+        keys, cutoff = self._dead_keys(names), self._dead_cutoff()
+        newest = "+inf" if dead_at_most is None else repr(dead_at_most)
+        if wanted is None:
+            commands = [DROP_DEAD_LETTERS.command(keys, [cutoff, newest])]
+        else:
+            commands = [
+                DROP_DEAD_LETTERS.command(keys, [cutoff, newest, *p]) for p in _chunks(wanted)
+            ]
+        replies = await self._run(commands)
+        return [raw.decode() for reply in replies for raw in reply]
+
     async def sweep(self) -> int:
         """Give back the claims of lost consumers now; how many messages (tests, tools)."""
         k = self.keys
@@ -726,6 +1131,46 @@ class RedisBroker(RedisComponent, Broker):
             SWEEP, [k.consumers, k.counts], [k.prefix, self.config.worker_lost_after_seconds]
         )
         return int(reply[1])
+
+    async def startup_warnings(self) -> list[str]:
+        """Redis settings that can lose tasks: an evicting maxmemory-policy, no persistence.
+
+        Read with CONFIG GET, which managed services (ElastiCache, Memorystore, ...) often
+        refuse or rename: then nothing is said, since nothing is known.
+        """
+        from qtasks.urls import redact_url  # local: this method is the only user here
+
+        commands = [("CONFIG", "GET", name) for name in ("maxmemory-policy", "save", "appendonly")]
+        try:
+            replies = await self._run(commands, retry=False)
+        except QTasksError:
+            return []
+        settings: dict[str, str] = {}
+        for reply in replies:
+            # [name, value] pairs; an empty list when the setting does not exist.
+            if isinstance(reply, list | tuple) and len(reply) == 2:
+                name, value = (v.decode() if isinstance(v, bytes) else str(v) for v in reply)
+                settings[name.lower()] = value.strip()
+        where = f"Redis at {redact_url(self.url)}"
+        warnings = []
+        policy = settings.get("maxmemory-policy")
+        if policy is not None and policy.lower() != "noeviction":
+            warnings.append(
+                f"{where} has maxmemory-policy {policy}: when it fills up, Redis deletes keys, "
+                f"so queued tasks and results can vanish without an error; set "
+                f"maxmemory-policy noeviction (writes then fail loudly instead)"
+            )
+        save, aof = settings.get("save"), settings.get("appendonly")
+        if save == "" and aof is not None and aof.lower() == "no":
+            warnings.append(
+                f'{where} persists nothing (save "" and appendonly no): a Redis restart loses '
+                f"every queued task; turn on appendonly yes (AOF) for a task queue"
+            )
+        return warnings
+
+
+_LETTER_ENCODER = msgspec.msgpack.Encoder()
+_LETTER_DECODER = msgspec.msgpack.Decoder(DeadLetter)
 
 
 def _priority(score: bytes) -> int:
@@ -786,3 +1231,9 @@ class _HeartbeatThread(HeartbeatThread):
             with contextlib.suppress(Exception):
                 self._client.close()
             self._client = None
+
+
+def _uuid_of(raw: bytes | str) -> str:
+    """The task uuid in a message id (`<created_at µs>:<uuid>`)."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return text.split(":", 1)[1]

@@ -18,6 +18,9 @@ Why it works this way:
   `poll_interval_seconds`, never past the next eta, and cheaply (`PRAGMA data_version`
   tells whether another process wrote at all; only then is a claim tried). Publishes,
   releases and requeues made in this process wake fetchers at once through a signal.
+* Dead letters sit in their own table (`qtasks_dead_letters`), not as a row status: a
+  retried letter is published again under its uuid before the letter is dropped. Moving
+  a claimed row there is one transaction; the sweep deletes letters past their TTL.
 * Ids come from AUTOINCREMENT, so a receipt (the row id) is never reused by a later
   message and a late ack cannot delete someone else's row.
 """
@@ -33,7 +36,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qtasks._sqlite import (
     DEFAULT_NAMESPACE,
@@ -45,7 +48,7 @@ from qtasks._sqlite import (
 )
 from qtasks.errors import BrokerError, QTasksError
 from qtasks.interfaces import Broker, Delivery, QueueStats, Storage
-from qtasks.message import Envelope, Task
+from qtasks.message import DeadLetter, Envelope, Task
 from qtasks.runtime.heartbeat import HeartbeatThread
 from qtasks.storages.sqlite import SqliteStorage
 
@@ -72,6 +75,15 @@ _REQUEUE = (
     " body = ?, consumer = NULL WHERE id = ? AND (consumer = ? OR consumer IS NULL)"
 )
 
+_DEAD_COLUMNS = (
+    "uuid, queue, reason, body, name, detail, priority, delivery_count, created_at, dead_at"
+)
+# OR REPLACE: a letter dead-lettered again (after a retry) replaces its older self.
+_INSERT_DEAD = (
+    f"INSERT OR REPLACE INTO qtasks_dead_letters (ns, {_DEAD_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
 _Row = tuple[int, bytes, str, int, float, int]
 
 
@@ -89,13 +101,24 @@ def beat(conn: sqlite3.Connection, namespace: str, consumer_id: str) -> None:
     )
 
 
-def sweep(conn: sqlite3.Connection, namespace: str, lost_after_seconds: float) -> int:
+def sweep(
+    conn: sqlite3.Connection,
+    namespace: str,
+    lost_after_seconds: float,
+    dead_letter_ttl_seconds: float | None = None,
+) -> int:
     """Free the claims of consumers silent for `lost_after_seconds`; how many were freed.
 
+    Also deletes dead letters older than `dead_letter_ttl_seconds` (None: keeps them).
     Runs its own transaction on `conn` (a connection in autocommit mode).
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if dead_letter_ttl_seconds is not None:
+            conn.execute(
+                "DELETE FROM qtasks_dead_letters WHERE ns = ? AND dead_at < ?",
+                (namespace, time.time() - dead_letter_ttl_seconds),
+            )
         conn.execute(
             "DELETE FROM qtasks_consumers WHERE ns = ? AND heartbeat < ?",
             (namespace, time.time() - lost_after_seconds),
@@ -123,6 +146,7 @@ class _HeartbeatThread(HeartbeatThread):
         super().__init__(broker.consumer_id, broker.config)
         self.path = broker.path
         self.namespace = broker.namespace
+        self.dead_letter_ttl = broker.config.dead_letter_ttl_seconds
         self._conn: sqlite3.Connection | None = None
 
     def _connection(self) -> sqlite3.Connection:
@@ -134,7 +158,7 @@ class _HeartbeatThread(HeartbeatThread):
         beat(self._connection(), self.namespace, self.consumer_id)
 
     def sweep(self) -> None:
-        freed = sweep(self._connection(), self.namespace, self.lost_after)
+        freed = sweep(self._connection(), self.namespace, self.lost_after, self.dead_letter_ttl)
         if freed:
             log.warning("%d messages of lost workers are deliverable again", freed)
 
@@ -381,6 +405,112 @@ class SqliteBroker(SqliteComponent, Broker):
         await self._run(update)
         self.db.signal(self.namespace).fire()
 
+    async def dead_letter(self, items: Sequence[tuple[Delivery, DeadLetter]]) -> None:
+        """Delete each claimed row and store its dead letter, all in one transaction.
+
+        Like `ack`, a row that is gone already (settled by another consumer after a sweep)
+        leaves nothing behind: no second letter, nothing brought back.
+        """
+        if not items:
+            return
+        ns = self.namespace
+        rows = [
+            (
+                d.receipt,
+                (
+                    ns,
+                    x.uuid,
+                    x.queue,
+                    x.reason,
+                    x.body,
+                    x.name,
+                    x.detail,
+                    x.priority,
+                    x.delivery_count,
+                    x.created_at,
+                    x.dead_at,
+                ),
+            )
+            for d, x in items
+        ]
+
+        def move(conn: sqlite3.Connection) -> None:
+            for receipt, letter in rows:
+                if conn.execute("DELETE FROM qtasks_queue WHERE id = ?", (receipt,)).rowcount:
+                    conn.execute(_INSERT_DEAD, letter)
+
+        await self._run(move)
+
+    def _dead_cutoff(self) -> float:
+        # Letters older than this are expired (the sweep deletes them; reads skip them).
+        ttl = self.config.dead_letter_ttl_seconds
+        return float("-inf") if ttl is None else time.time() - ttl
+
+    async def dead_letters(
+        self, queues: Sequence[str], limit: int = 100, uuids: Sequence[str] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters of `queues`, newest first, at most `limit` (only `uuids` if given)."""
+        ns = self.namespace
+        names = list(dict.fromkeys(queues))
+        wanted = None if uuids is None else list(dict.fromkeys(str(u) for u in uuids))
+        if limit <= 0 or not names or wanted == []:
+            return []
+        cutoff = self._dead_cutoff()
+        select = f"SELECT {_DEAD_COLUMNS} FROM qtasks_dead_letters WHERE ns = ? AND queue = ?"
+
+        def read(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows: list[tuple[Any, ...]] = []
+            for q in names:
+                if wanted is None:
+                    sql = f"{select} AND dead_at >= ? ORDER BY dead_at DESC LIMIT ?"
+                    rows += conn.execute(sql, (ns, q, cutoff, limit)).fetchall()
+                    continue
+                for part in chunks(wanted, 500):
+                    sql = f"{select} AND uuid IN ({placeholders(len(part))}) AND dead_at >= ?"
+                    rows += conn.execute(sql, (ns, q, *part, cutoff)).fetchall()
+            rows.sort(key=lambda r: r[9], reverse=True)
+            return [_dead_letter(r) for r in rows[:limit]]
+
+        return await self._run(read, write=False)
+
+    async def drop_dead_letters(
+        self,
+        queues: Sequence[str],
+        uuids: Sequence[str] | None = None,
+        dead_at_most: float | None = None,
+    ) -> list[str]:
+        """Delete dead letters of `queues` (only `uuids` if given); the uuids deleted."""
+        ns = self.namespace
+        names = list(dict.fromkeys(queues))
+        wanted = None if uuids is None else list(dict.fromkeys(str(u) for u in uuids))
+        if not names or wanted == []:
+            return []
+        cutoff = self._dead_cutoff()
+        newest = float("inf") if dead_at_most is None else dead_at_most
+
+        def delete(conn: sqlite3.Connection) -> list[str]:
+            dropped: list[str] = []
+            for q in names:
+                if wanted is None:
+                    where = "WHERE ns = ? AND queue = ? AND dead_at <= ?"
+                    sql = f"SELECT uuid FROM qtasks_dead_letters {where} AND dead_at >= ?"
+                    dropped += [str(r[0]) for r in conn.execute(sql, (ns, q, newest, cutoff))]
+                    conn.execute(f"DELETE FROM qtasks_dead_letters {where}", (ns, q, newest))
+                    continue
+                for part in chunks(wanted, 500):
+                    # SELECT then DELETE in the job's one transaction (no RETURNING before 3.35).
+                    where = (
+                        f"WHERE ns = ? AND queue = ? AND dead_at <= ? "
+                        f"AND uuid IN ({placeholders(len(part))})"
+                    )
+                    sql = f"SELECT uuid FROM qtasks_dead_letters {where} AND dead_at >= ?"
+                    found = {str(r[0]) for r in conn.execute(sql, (ns, q, newest, *part, cutoff))}
+                    conn.execute(f"DELETE FROM qtasks_dead_letters {where}", (ns, q, newest, *part))
+                    dropped += [u for u in part if u in found]
+            return dropped
+
+        return await self._run(delete)
+
     async def queue_sizes(self, queues: Sequence[str]) -> dict[str, int]:
         """Ready + delayed + claimed messages per queue."""
         ns = self.namespace
@@ -410,9 +540,10 @@ class SqliteBroker(SqliteComponent, Broker):
         return await self._run(count, write=False)
 
     async def queue_stats(self, queues: Sequence[str]) -> list[QueueStats]:
-        """Ready (per priority), delayed and claimed messages of each queue."""
+        """Ready (per priority), delayed, claimed and dead-lettered messages of each queue."""
         ns = self.namespace
         names = list(dict.fromkeys(queues))
+        cutoff = self._dead_cutoff()
 
         def count(conn: sqlite3.Connection) -> list[QueueStats]:
             out: list[QueueStats] = []
@@ -435,6 +566,11 @@ class SqliteBroker(SqliteComponent, Broker):
                     " WHERE ns = ? AND consumer IS NOT NULL AND queue = ?",
                     (ns, q),
                 ).fetchone()[0]
+                dead = conn.execute(
+                    "SELECT COUNT(*) FROM qtasks_dead_letters"
+                    " WHERE ns = ? AND queue = ? AND dead_at >= ?",
+                    (ns, q, cutoff),
+                ).fetchone()[0]
                 ready = sum(by_priority.values())
                 out.append(
                     QueueStats(
@@ -443,6 +579,7 @@ class SqliteBroker(SqliteComponent, Broker):
                         ready=ready,
                         delayed=int(delayed),
                         in_flight=int(claimed),
+                        dead_lettered=int(dead),
                         by_priority=by_priority,
                     )
                 )
@@ -450,7 +587,7 @@ class SqliteBroker(SqliteComponent, Broker):
 
         return await self._run(count, write=False)
 
-    async def discard(self, uuids: Sequence[str]) -> list[str]:
+    async def discard(self, uuids: Sequence[str], queues: Sequence[str] | None = None) -> list[str]:
         """Delete unclaimed messages with these uuids in one transaction."""
         ns = self.namespace
         keys = list(dict.fromkeys(str(u) for u in uuids))
@@ -489,6 +626,22 @@ class SqliteBroker(SqliteComponent, Broker):
 def _stored_eta(eta: float | None, now: float) -> float:
     # 0 means due: such rows go straight into the ready index.
     return 0.0 if eta is None or eta <= now else float(eta)
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    # Columns in _DEAD_COLUMNS order.
+    return DeadLetter(
+        uuid=str(row[0]),
+        queue=str(row[1]),
+        reason=str(row[2]),
+        body=bytes(row[3]),
+        name=None if row[4] is None else str(row[4]),
+        detail=str(row[5]),
+        priority=int(row[6]),
+        delivery_count=int(row[7]),
+        created_at=float(row[8]),
+        dead_at=float(row[9]),
+    )
 
 
 def _data_version(conn: sqlite3.Connection) -> int:

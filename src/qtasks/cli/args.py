@@ -14,6 +14,9 @@ from typing import Any
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 """Level names accepted by --log-level and `QueueConfig.logs_default_level`."""
 
+LOG_FORMATS = ("text", "json")
+"""What --log-format accepts (see qtasks.logs)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class GlobalArgs:
@@ -37,6 +40,12 @@ class RunArgs:
     """Queues to consume; None means the worker's default."""
     log_level: str | None = None
     """Log level name; None means the app's `logs_default_level`."""
+    log_format: str = "text"
+    """One of LOG_FORMATS: `text` lines, or one JSON object per line."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (child i of a supervisor: port + i); None: off."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint listens on."""
 
     def to_argv(self) -> list[str]:
         """The argv (after the program name) that parses back into these arguments."""
@@ -47,7 +56,29 @@ class RunArgs:
             argv += ["--queues", ",".join(self.queues)]
         if self.log_level is not None:
             argv += ["--log-level", self.log_level]
+        if self.log_format != "text":
+            argv += ["--log-format", self.log_format]
+        if self.metrics_port is not None:
+            argv += ["--metrics-port", str(self.metrics_port), "--metrics-host", self.metrics_host]
         return argv
+
+    def for_child(self, index: int) -> RunArgs:
+        """The arguments of a supervisor's child `index`: one process, its own metrics port."""
+        port = self.metrics_port
+        if port:  # 0 asks the system for a free port, in every child alike
+            port += index
+        return dataclasses.replace(self, processes=1, metrics_port=port)
+
+    def check_metrics_ports(self) -> None:
+        """ValueError when port + processes - 1 runs past the last port."""
+        if self.metrics_port is None or self.metrics_port == 0:
+            return
+        last = self.metrics_port + self.processes - 1
+        if last > 65535:
+            raise ValueError(
+                f"--metrics-port {self.metrics_port} with --processes {self.processes} needs "
+                f"ports up to {last}, past 65535; pick a lower port"
+            )
 
 
 def parse_queues(text: str) -> tuple[str, ...]:
@@ -111,6 +142,22 @@ class PurgeArgs:
     app_path: str
     queues: tuple[str, ...] | None = None
     """Queues to empty; None means every queue of the app's tasks and `default`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetterArgs:
+    """`qtasks -A APP dlq list|retry|drop [UUID...] [--all] [-Q A,B] [--limit N] [--json]`."""
+
+    app_path: str
+    action: str
+    """list, retry or drop."""
+    uuids: tuple[str, ...] = ()
+    """The letters to retry or drop; empty with `all_` means every letter of the queues."""
+    all_: bool = False
+    queues: tuple[str, ...] | None = None
+    """None means every queue of the app's tasks and `default`."""
+    limit: int = 100
+    json: bool = False
 
 
 def parse_inspect(app_path: str, topic: str, words: Sequence[str], json_flag: bool) -> InspectArgs:

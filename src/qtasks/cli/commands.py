@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
+import msgspec
 
+from qtasks import logs
 from qtasks.cli import operations
 from qtasks.cli.args import (
     AddArgs,
+    DeadLetterArgs,
     InspectArgs,
     PurgeArgs,
     RunArgs,
@@ -25,13 +28,14 @@ from qtasks.cli.args import (
 from qtasks.cli.loader import AppLoadError, ServableApp, load_app
 from qtasks.cli.operations import OperationError
 from qtasks.errors import ConfigurationError, QTasksError, UnknownTask
+from qtasks.logs import TEXT_FORMAT
 from qtasks.message import TaskStatusEnum
 from qtasks.runtime.supervisor import supervise
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"
+LOG_FORMAT = TEXT_FORMAT
 """Time, level, process id (several workers share one terminal) and logger name."""
 
 NO_APP_MESSAGE = "no app given: pass -A module:app or set QTASKS_APP"
@@ -42,14 +46,38 @@ log = logging.getLogger(__name__)
 def run(args: RunArgs) -> int:
     """Run workers for the app: in this process, or N child processes under a supervisor."""
     # Loaded here even for N processes: a wrong -A is reported once, before any child starts.
+    from qtasks.app import AsyncQueueTasks
+
     core = load_app_from_cwd(args.app_path)
-    configure_logging(args.log_level, default=core.config.logs_default_level)
-    if args.processes == 1:
+    one = args.processes == 1
+    # The supervisor of N children runs no worker: its own lines carry no worker id.
+    worker_id = core.worker.id if one and isinstance(core, AsyncQueueTasks) else None
+    configure_logging(
+        args.log_level,
+        default=core.config.logs_default_level,
+        log_format=args.log_format,
+        worker_id=worker_id,
+    )
+    if one:
+        if args.metrics_port is not None:
+            serve_metrics_for(core, args.metrics_host, args.metrics_port)
         asyncio.run(core.serve(concurrency=args.concurrency, queues=args.queues))
         return 0
     log.info("app %r: supervising %d worker processes", core.name, args.processes)
-    child = dataclasses.replace(args, processes=1)
-    return supervise(lambda index: child_command(child), args.processes)
+    return supervise(lambda index: child_command(args.for_child(index)), args.processes)
+
+
+def serve_metrics_for(core: ServableApp, host: str, port: int) -> None:
+    """Serve the worker's Prometheus metrics while it runs; bound now, so a busy port or a
+    missing `metrics` extra stops `run` before anything starts (ConfigurationError)."""
+    from qtasks.app import AsyncQueueTasks
+    from qtasks.metrics import MetricsPlugin
+
+    if not isinstance(core, AsyncQueueTasks):
+        raise ConfigurationError("--metrics-port needs a qtasks app (QueueTasks)")
+    plugin = MetricsPlugin(port, host)
+    plugin.bind()
+    core.add_plugin(plugin, component="worker")
 
 
 def child_command(args: RunArgs) -> list[str]:
@@ -68,22 +96,29 @@ def load_app_from_cwd(app_path: str | None) -> ServableApp:
     return load_app(app_path)
 
 
-def configure_logging(level: str | None, *, default: str) -> None:
+def configure_logging(
+    level: str | None,
+    *,
+    default: str,
+    log_format: str = "text",
+    worker_id: str | None = None,
+) -> None:
     """Log to stderr at `level`, else `default`, unless logging was set up already.
 
-    When the app's module configured logging itself, its handlers stay; only an explicit
-    `level` is applied to the root logger.
+    Lines logged while a task runs carry its id and name (qtasks.logs). When the app's
+    module configured logging itself, its handlers stay (they get the task fields, and the
+    JSON formatter for `log_format="json"`); only an explicit `level` is applied to the
+    root logger.
     """
     try:
         name = parse_log_level(level or default)
     except ValueError as exc:
         raise ConfigurationError(f"logs_default_level: {exc}") from None
     root = logging.getLogger()
-    if root.handlers:
-        if level is not None:
-            root.setLevel(name)
-        return
-    logging.basicConfig(level=name, format=LOG_FORMAT, stream=sys.stderr)
+    had_handlers = bool(root.handlers)
+    logs.configure(name, log_format, worker_id=worker_id, stream=sys.stderr)
+    if had_handlers and level is not None:
+        root.setLevel(name)
 
 
 # -- operator commands: look at and steer a running system ------------------------------
@@ -161,20 +196,68 @@ def inspect(args: InspectArgs) -> int:
     return _on_app(args.app_path, action)
 
 
+class StepProgress:
+    """What `add --wait` shows while a generator task runs: a line per step as it arrives,
+    under a spinner that counts them. The spinner is drawn on a terminal only and is gone
+    at the end, so piped output is just the step lines (then the record)."""
+
+    def __init__(self, name: str) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.spinner import Spinner
+
+        self.name = name
+        self.count = 0
+        # No file given: rich writes to whatever sys.stdout is at print time.
+        self.console = Console(highlight=False, soft_wrap=True)
+        self._spinner = Spinner("dots", text=f"{name}: waiting for the first step")
+        self._live = Live(self._spinner, console=self.console, transient=True)
+
+    def __enter__(self) -> StepProgress:
+        self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.stop()
+
+    def step(self, value: Any) -> None:
+        """Show one step (JSON data) above the spinner."""
+        from rich.text import Text
+
+        self.count += 1
+        shown = msgspec.json.encode(value).decode()
+        # The spinner first: printing redraws it below the new line.
+        self._spinner.update(text=f"{self.name}: {self.count} step(s), running")
+        self.console.print(Text(f"step {self.count}: {shown}"))
+
+
 def add(args: AddArgs) -> int:
-    """Enqueue a task; print its uuid, and with --wait its final record."""
+    """Enqueue a task; print its uuid, and with --wait its final record.
+
+    Waiting for a generator task shows its steps live (StepProgress) before the record.
+    """
     from qtasks.stats import report
+    from qtasks.task import FunctionKind
 
     async def action(core: AsyncQueueTasks) -> str:
-        record, final = await operations.add(
-            core,
-            args.name,
-            args.args,
-            dict(args.kwargs),
-            priority=args.priority,
-            queue=args.queue,
-            wait_seconds=args.wait_seconds,
+        definition = core.tasks.get(args.name)
+        generator = definition is not None and definition.kind in (
+            FunctionKind.GENERATOR,
+            FunctionKind.ASYNC_GENERATOR,
         )
+        waiting = args.wait_seconds is not None
+        progress = StepProgress(args.name) if generator and waiting else None
+        with progress if progress is not None else contextlib.nullcontext():
+            record, final = await operations.add(
+                core,
+                args.name,
+                args.args,
+                dict(args.kwargs),
+                priority=args.priority,
+                queue=args.queue,
+                wait_seconds=args.wait_seconds,
+                on_step=None if progress is None else progress.step,
+            )
         if args.wait_seconds is None:
             return f"enqueued {record.name} {record.uuid}"
         if final is None:
@@ -219,6 +302,23 @@ def purge(args: PurgeArgs) -> int:
         queues = list(args.queues) if args.queues else operations.app_queues(core)
         dropped = await operations.purge(core, queues)
         return f"purged {dropped} queued task(s) from {', '.join(queues)}"
+
+    return _on_app(args.app_path, action)
+
+
+def dlq(args: DeadLetterArgs) -> int:
+    """List, retry or drop dead letters."""
+    from qtasks.stats import report
+
+    async def action(core: AsyncQueueTasks) -> str:
+        if args.action == "list":
+            letters = await operations.dead_letters(core, args.queues, args.limit)
+            if args.json:
+                return report.to_json([report.dead_letter_data(x) for x in letters])
+            return report.dead_letters_text(letters)
+        done = await operations.settle_dead_letters(core, args.action, args.uuids, args.queues)
+        verb = "sent again" if args.action == "retry" else "dropped"
+        return f"{len(done)} dead letter(s) {verb}" + "".join(f"\n{u}" for u in done)
 
     return _on_app(args.app_path, action)
 

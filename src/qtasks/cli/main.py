@@ -7,7 +7,6 @@ or configuration, including an app that cannot be loaded (retrying will not help
 
 from __future__ import annotations
 
-import importlib.metadata
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -17,8 +16,10 @@ import click
 from qtasks.cli import commands
 from qtasks.cli.args import (
     INSPECT_TOPICS,
+    LOG_FORMATS,
     LOG_LEVELS,
     AddArgs,
+    DeadLetterArgs,
     GlobalArgs,
     PurgeArgs,
     RunArgs,
@@ -32,7 +33,7 @@ from qtasks.cli.args import (
     parse_queues,
 )
 from qtasks.cli.loader import AppLoadError
-from qtasks.errors import ConfigurationError
+from qtasks.errors import BrokerError, ConfigurationError, StorageError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -41,11 +42,9 @@ EXIT_INTERRUPTED = 130
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    try:
-        version = importlib.metadata.version("qtasks")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
-        version = "unknown"
-    click.echo(f"qtasks {version}")
+    from qtasks._version import __version__
+
+    click.echo(f"qtasks {__version__}")
     ctx.exit()
 
 
@@ -112,6 +111,26 @@ def cli(ctx: click.Context, app_path: str | None) -> None:
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     help="Log level.  [default: the app's logs_default_level]",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS, case_sensitive=False),
+    default="text",
+    show_default=True,
+    help="text lines, or one JSON object per line (time, level, logger, message, task_id, "
+    "task_name, worker_id).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (the metrics extra); with "
+    "--processes N, child i serves PORT+i.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint listens on.",
+)
 @click.pass_obj
 def run(
     obj: GlobalArgs,
@@ -119,6 +138,9 @@ def run(
     processes: int,
     queues: tuple[str, ...] | None,
     log_level: str | None,
+    log_format: str,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> int:
     """Run workers until SIGTERM/SIGINT.
 
@@ -132,7 +154,14 @@ def run(
         processes=processes,
         queues=queues,
         log_level=parse_log_level(log_level) if log_level is not None else None,
+        log_format=log_format.lower(),
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
+    try:
+        args.check_metrics_ports()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     return commands.run(args)
 
 
@@ -262,6 +291,56 @@ def purge(obj: GlobalArgs, queues: tuple[str, ...] | None, yes: bool) -> int:
     return commands.purge(PurgeArgs(app_path, queues))
 
 
+@cli.group()
+def dlq() -> None:
+    """Dead letters: tasks set aside instead of run (failed for good, worker_lost,
+    undecodable, unknown task). List them, send them again, or drop them."""
+
+
+_dlq_queues = click.option(
+    "-Q",
+    "--queues",
+    metavar="A,B",
+    callback=_queues,
+    help="Comma-separated queues.  [default: every queue of the app]",
+)
+
+
+@dlq.command("list")
+@_dlq_queues
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def dlq_list(obj: GlobalArgs, queues: tuple[str, ...] | None, limit: int, as_json: bool) -> int:
+    """Print the dead letters, newest first."""
+    return commands.dlq(
+        DeadLetterArgs(_app_path(obj), "list", queues=queues, limit=limit, json=as_json)
+    )
+
+
+def _dlq_settle(action: str, help_all: str) -> Any:
+    @dlq.command(action)
+    @click.argument("uuids", nargs=-1)
+    @click.option("--all", "all_", is_flag=True, help=help_all)
+    @_dlq_queues
+    @click.pass_obj
+    def command(
+        obj: GlobalArgs, uuids: tuple[str, ...], all_: bool, queues: tuple[str, ...] | None
+    ) -> int:
+        app_path = _app_path(obj)
+        if bool(uuids) == all_:
+            raise click.UsageError(f"name the dead letters to {action} (UUID...) or pass --all")
+        return commands.dlq(DeadLetterArgs(app_path, action, uuids, all_, queues))
+
+    return command
+
+
+dlq_retry = _dlq_settle("retry", "Send every dead letter of the queues again.")
+dlq_retry.help = """Send dead letters again under their uuids, attempts starting over."""
+dlq_drop = _dlq_settle("drop", "Drop every dead letter of the queues.")
+dlq_drop.help = """Delete dead letters for good."""
+
+
 def _basic(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, str] | None:
     try:
         return parse_basic(value) if value is not None else None
@@ -330,6 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigurationError as exc:
         click.echo(f"Error: {exc}", err=True)
         return EXIT_USAGE
+    except (BrokerError, StorageError) as exc:
+        # A backend that cannot be reached when a command (`run` included) starts: one
+        # line, exit 1; a process manager restarting `run` retries it.
+        click.echo(f"Error: {exc}", err=True)
+        return 1
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

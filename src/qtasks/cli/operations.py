@@ -8,13 +8,13 @@ operation could not be done (unknown task, already finished, not supported).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from qtasks.errors import QTasksError
-from qtasks.message import DEFAULT_QUEUE, Task, TaskStatusEnum
+from qtasks.errors import QTasksError, TaskFailed, WaitTimeout
+from qtasks.message import DEFAULT_QUEUE, DeadLetter, Task, TaskStatusEnum
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -36,12 +36,30 @@ async def add(
     priority: int | None = None,
     queue: str | None = None,
     wait_seconds: float | None = None,
+    on_step: Callable[[Any], None] | None = None,
 ) -> tuple[Task, Task | None]:
-    """Enqueue `name`; the `new` record and, with `wait_seconds`, the final one (or None)."""
+    """Enqueue `name`; the `new` record and, with `wait_seconds`, the final one (or None).
+
+    With `on_step` too, the task's steps (a generator's handler results) are passed to it
+    as they happen while waiting; a storage that keeps no steps just waits.
+    """
     record = await app.add_task(name, *args, priority=priority, queue=queue, task_kwargs=kwargs)
     assert record is not None  # no timeout was given
     if wait_seconds is None:
         return record, None
+    if on_step is not None:
+        stream = app.stream(record.uuid, timeout=wait_seconds)
+        try:
+            async for step in stream:
+                on_step(step)
+        except TaskFailed as exc:
+            return record, exc.record
+        except WaitTimeout:
+            return record, None
+        except NotImplementedError:
+            pass  # no steps kept: the plain wait below
+        else:
+            return record, stream.record
     return record, await app.storage.wait(str(record.uuid), wait_seconds)
 
 
@@ -62,7 +80,7 @@ async def cancel(app: AsyncQueueTasks, uuid: str) -> Task:
     if record.is_final:
         raise OperationError(f"task {uuid} already finished with status {record.status.value}")
     try:
-        removed = await app.broker.discard([uuid])
+        removed = await app.broker.discard([uuid], [record.queue])
     except NotImplementedError as exc:
         raise OperationError(f"cannot cancel: {exc}") from None
     if not removed:
@@ -129,3 +147,37 @@ async def purge(app: AsyncQueueTasks, queues: Sequence[str]) -> int:
     if records:
         await app.storage.save(records)
     return len(dropped)
+
+
+async def dead_letters(
+    app: AsyncQueueTasks, queues: Sequence[str] | None, limit: int
+) -> list[DeadLetter]:
+    """The dead letters of `queues` (default: the app's), newest first."""
+    try:
+        return await app.dead_letters(queues, limit)
+    except NotImplementedError as exc:
+        raise OperationError(f"cannot list dead letters: {exc}") from None
+
+
+async def settle_dead_letters(
+    app: AsyncQueueTasks, action: str, uuids: Sequence[str], queues: Sequence[str] | None
+) -> list[str]:
+    """Retry or drop the dead letters `uuids` (every one of `queues` when empty).
+
+    OperationError names the uuids that are not dead letters (nothing is done then).
+    """
+    wanted = list(uuids) or None
+    try:
+        if wanted is not None:
+            found = {x.uuid for x in await app.dead_letters(queues, len(wanted), wanted)}
+            missing = [u for u in wanted if u not in found]
+            if missing:
+                raise OperationError(
+                    f"no dead letter {', '.join(missing)} in queues "
+                    f"{', '.join(queues or app_queues(app))} (see: qtasks dlq list)"
+                )
+        if action == "retry":
+            return await app.retry_dead_letters(wanted, queues)
+        return await app.drop_dead_letters(wanted, queues)
+    except NotImplementedError as exc:
+        raise OperationError(f"cannot {action} dead letters: {exc}") from None

@@ -10,6 +10,7 @@ its steps and call `super()`:
     call()                call the function: sync in the thread pool, async on the loop,
                           generators step by step through `handle_yield`
     handle_yield(value)   what a generator's yield becomes (the generate_handler's result)
+    publish_step(value)   hand that result to producers streaming the task (task.stream())
 
 `execute()` also fires the task_executor_* triggers (see qtasks.plugins.triggers).
 `run()` is the worker's entry point: it applies `max_time`, captures the error, makes the
@@ -40,6 +41,7 @@ from qtasks.errors import (
     TaskPluginTriggerError,
     TaskTimeout,
 )
+from qtasks.logs import current_task
 from qtasks.plugins.depends import DependencyScope, Scope, build_call
 from qtasks.plugins.triggers import (
     TASK_EXECUTOR_ARGS_REPLACE,
@@ -53,6 +55,7 @@ from qtasks.plugins.validation import ValidationFailed
 from qtasks.retry import Backoff, backoff_delay, should_retry
 from qtasks.runtime.threads import TaskThreadPool
 from qtasks.serializers import to_builtins
+from qtasks.storages.steps import StepWriter
 from qtasks.task import FunctionKind, TaskDefinition
 
 if TYPE_CHECKING:
@@ -106,6 +109,7 @@ class TaskExecutor:
     """What ended the attempt, if it did not succeed."""
     _task_scope: DependencyScope | None = None
     _context: TaskContext | None = None
+    _steps: StepWriter | None = None
 
     def __init__(
         self,
@@ -209,13 +213,30 @@ class TaskExecutor:
             result = await result
         return result
 
+    def publish_step(self, value: Any) -> None:
+        """Store one step (a handle_yield result) for producers streaming this task.
+
+        Returns at once: a background writer stores steps in order, batching those that
+        come while it writes. The generator paths wait for it (`_close_steps`) before the
+        attempt ends, so the final record is never stored before the last step.
+        """
+        if self._steps is None:
+            self._steps = StepWriter(self.app.storage, str(self.message.uuid), self.task.name)
+        self._steps.add(value)
+
+    async def _close_steps(self) -> None:
+        if self._steps is not None:
+            # Shielded: even when the attempt is cancelled, the steps already handed over
+            # are written (a retry's readers then see them before the next attempt's).
+            await asyncio.shield(self._steps.close())
+
     async def run_generator(self, gen: Generator[Any, Any, Any]) -> Any:
         """Drive a sync generator in the thread pool; yields go through handle_yield.
 
         Each generate_handler result is sent back into the generator (without a handler
-        it is iterated plainly: `yield` gives None, so `yield from iterator` works). The
-        task's result is the generator's `return` value when it is not None, else the list
-        of handle_yield results.
+        it is iterated plainly: `yield` gives None, so `yield from iterator` works) and
+        published as a step (`publish_step`). The task's result is the generator's
+        `return` value when it is not None, else the list of handle_yield results.
         """
         results: list[Any] = []
         send_value: Any = None
@@ -233,14 +254,18 @@ class TaskExecutor:
                     returned = yielded[1]
                     return results if returned is None else returned
                 results.append(await self.handle_yield(yielded))
+                self.publish_step(results[-1])
                 send_value = self._sent_back(results[-1])
         finally:
-            # Still stepping in a thread after a cancel: it cannot be closed from here.
-            if inspect.getgeneratorstate(gen) != inspect.GEN_RUNNING:
-                gen.close()
+            try:
+                # Still stepping in a thread after a cancel: it cannot be closed from here.
+                if inspect.getgeneratorstate(gen) != inspect.GEN_RUNNING:
+                    gen.close()
+            finally:
+                await self._close_steps()
 
     async def run_async_generator(self, agen: AsyncGenerator[Any, Any]) -> Any:
-        """Drive an async generator; the result is the list of handler results.
+        """Drive an async generator; each handler result is a step, the result their list.
 
         (An async generator cannot `return` a value; that is Python's rule.)
         """
@@ -253,9 +278,13 @@ class TaskExecutor:
                 except StopAsyncIteration:
                     return results
                 results.append(await self.handle_yield(yielded))
+                self.publish_step(results[-1])
                 send_value = self._sent_back(results[-1])
         finally:
-            await agen.aclose()
+            try:
+                await agen.aclose()
+            finally:
+                await self._close_steps()
 
     def _sent_back(self, handled: Any) -> Any:
         return handled if self.task.generate_handler is not None else None
@@ -327,6 +356,8 @@ class TaskExecutor:
         or this run is cancelled (the error is passed to their teardown).
         """
         token = current_context.set(self.context) if self.task.echo else None
+        # Log lines of the whole attempt, teardown included, carry the task (qtasks.logs).
+        task_token = current_task.set(self)
         try:
             try:
                 max_time = self.task.max_time
@@ -352,6 +383,7 @@ class TaskExecutor:
         except BaseException as exc:  # cancelled (worker shutdown): still close the scope
             if self._task_scope is not None:
                 await asyncio.shield(self._task_scope.close(exc))
+            current_task.reset(task_token)
             raise
         finally:
             if token is not None:
@@ -364,6 +396,7 @@ class TaskExecutor:
             await plugins.fire(
                 TASK_EXECUTOR_TASK_CLOSE, task_executor=self, task=self.message, outcome=outcome
             )
+        current_task.reset(task_token)
         return outcome
 
     def failure(self, exc: BaseException) -> Outcome:

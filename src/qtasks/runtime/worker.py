@@ -21,8 +21,6 @@ scope, closed when it stops.
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib.metadata
 import itertools
 import logging
 import os
@@ -34,9 +32,19 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from qtasks._version import __version__
 from qtasks.errors import DecodeError, PluginError, UnknownTask, WorkerLost
 from qtasks.interfaces import Delivery
-from qtasks.message import DEFAULT_QUEUE, Envelope, Task, TaskMessage, TaskStatusEnum
+from qtasks.logs import current_task
+from qtasks.message import (
+    DEFAULT_QUEUE,
+    DeadLetter,
+    DeadLetterReason,
+    Envelope,
+    Task,
+    TaskMessage,
+    TaskStatusEnum,
+)
 from qtasks.plugins.base import BasePlugin, PluginRegistry, start_plugins, stop_plugins
 from qtasks.plugins.depends import DependencyScope, Scope
 from qtasks.plugins.triggers import (
@@ -93,6 +101,7 @@ class ResultWriter:
         self._acks: list[Delivery] = []
         self._requeues: list[tuple[Delivery, Envelope]] = []
         self._releases: list[Delivery] = []
+        self._dead: list[tuple[Delivery, DeadLetter]] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -149,6 +158,20 @@ class ResultWriter:
         self.unsettled += 1
         self._kick()
 
+    def requeue(self, delivery: Delivery, envelope: Envelope) -> None:
+        """Swap the delivery for `envelope` without storing a record."""
+        self._requeues.append((delivery, envelope))
+        self.unsettled += 1
+        self._kick()
+
+    def dead(self, delivery: Delivery, record: Task, letter: DeadLetter) -> None:
+        """Store the final record, then move the delivery to its queue's dead letters."""
+        self._started.pop(record.uuid, None)
+        self._saves[record.uuid] = record
+        self._dead.append((delivery, letter))
+        self.unsettled += 1
+        self._kick()
+
     def release(self, delivery: Delivery) -> None:
         """Give an unfinished delivery back to the broker."""
         self._releases.append(delivery)
@@ -160,7 +183,7 @@ class ResultWriter:
         self._wake.set()
 
     def _pending(self) -> bool:
-        return bool(self._saves or self._acks or self._requeues or self._releases)
+        return bool(self._saves or self._acks or self._requeues or self._releases or self._dead)
 
     async def _run(self) -> None:
         while True:
@@ -173,13 +196,15 @@ class ResultWriter:
         delay = 0.05
         deadline = None if give_up_after is None else time.monotonic() + give_up_after
         while self._pending():
-            saves, acks, requeues, releases = (
+            saves, acks, requeues, releases, dead = (
                 self._saves,
                 self._acks,
                 self._requeues,
                 self._releases,
+                self._dead,
             )
             self._saves, self._acks, self._requeues, self._releases = {}, [], [], []
+            self._dead = []
             plugins = self.app.plugins
             try:
                 if saves:
@@ -192,20 +217,28 @@ class ResultWriter:
                             records=records,
                         )
                         records = changes.get("records", records)
-                    await self.app.storage.save(records)
-                    saves = {}
+                    if acks:
+                        # Records and acks in one round trip where the broker can.
+                        await self.app.broker.settle(self.app.storage, records, acks)
+                        saves, done, acks = {}, acks, []
+                        await self._acked(done)
+                    else:
+                        await self.app.storage.save(records)
+                        saves = {}
                 if requeues:
                     await self.app.broker.requeue(requeues)
                     self._settled(len(requeues))
                     requeues = []
                 if acks:
                     await self.app.broker.ack(acks)
-                    self._settled(len(acks))
-                    if plugins and BROKER_ACK in plugins:
-                        await plugins.fire(
-                            BROKER_ACK, broker=self.app.broker, worker=self.worker, deliveries=acks
-                        )
-                    acks = []
+                    done, acks = acks, []
+                    await self._acked(done)
+                if dead:
+                    # After the acks: moving a message aside can take a broker round trip
+                    # (RabbitMQ, Kafka), which finished tasks' acks need not wait for.
+                    await self._dead_letter(dead)
+                    self._settled(len(dead))
+                    dead = []
                 if releases:
                     await self.app.broker.release(releases)
                     self._settled(len(releases))
@@ -217,15 +250,42 @@ class ResultWriter:
                 self._acks[:0] = acks
                 self._requeues[:0] = requeues
                 self._releases[:0] = releases
+                self._dead[:0] = dead
                 if not isinstance(exc, Exception):
                     raise
                 log.exception("storing results failed; will retry in %.2fs", delay)
                 if deadline is not None and time.monotonic() + delay > deadline:
-                    log.error("giving up on %d unstored results; brokers will redeliver", len(acks))
+                    log.error(
+                        "giving up on %d unstored results; brokers will redeliver",
+                        len(acks) + len(dead),
+                    )
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._idle.set()
+
+    async def _acked(self, acks: list[Delivery]) -> None:
+        self._settled(len(acks))
+        plugins = self.app.plugins
+        if plugins and BROKER_ACK in plugins:
+            await plugins.fire(
+                BROKER_ACK, broker=self.app.broker, worker=self.worker, deliveries=acks
+            )
+
+    async def _dead_letter(self, items: list[tuple[Delivery, DeadLetter]]) -> None:
+        broker = self.app.broker
+        try:
+            await broker.dead_letter(items)
+        except NotImplementedError:
+            # A third-party broker without dead letters: the error records are stored, so
+            # nothing is silently lost; settle the messages as finished.
+            log.warning(
+                "%s keeps no dead letters: %d messages acked instead (their error records "
+                "are stored)",
+                type(broker).__name__,
+                len(items),
+            )
+            await broker.ack([d for d, _ in items])
 
     def _settled(self, count: int) -> None:
         self.unsettled -= count
@@ -317,6 +377,7 @@ class Worker:
             self._concurrency,
             type(app.broker).__name__,
         )
+        await self._warn_about_broker(app)
         if WORKER_START in app.plugins:
             try:
                 await app.plugins.fire(WORKER_START, worker=self)
@@ -335,9 +396,19 @@ class Worker:
             "started_at": self.started_at,
             "processed": self.processed,
             "running": len(self._busy),
-            "version": _version(),
+            "version": __version__,
             "tasks": self.counters.snapshot(),
         }
+
+    @staticmethod
+    async def _warn_about_broker(app: AsyncQueueTasks) -> None:
+        try:
+            warnings = await app.broker.startup_warnings()
+        except Exception:  # advice only: never a reason not to start
+            log.debug("could not check the broker's settings", exc_info=True)
+            return
+        for line in warnings:
+            log.warning("%s", line)
 
     async def register(self) -> None:
         """Publish `info()` (with the counters) to the worker registry now; one heartbeat."""
@@ -435,14 +506,27 @@ class Worker:
             self._record_bad_input(delivery, exc)
             return
         definition = app.tasks.get(message.name)
-        if definition is None:
-            self._record_failure(delivery, message, UnknownTask(message.name))
-            return
         limit = app.config.max_deliveries
+        if definition is None:
+            if app.config.requeue_unknown_tasks and (
+                limit is None or delivery.delivery_count < limit
+            ):
+                # Rolling deploy: a newer worker may know this task; try again later.
+                self._defer(delivery, message)
+                return
+            self._record_failure(
+                delivery, message, UnknownTask(message.name), DeadLetterReason.UNKNOWN_TASK
+            )
+            return
         if limit is not None and delivery.delivery_count > limit:
             # Handed out more often than allowed without ever finishing: its worker died
             # each time (OOM, a crash the task causes). Running it again would crash-loop.
-            self._record_failure(delivery, message, WorkerLost(delivery.delivery_count - 1))
+            self._record_failure(
+                delivery,
+                message,
+                WorkerLost(delivery.delivery_count - 1),
+                DeadLetterReason.WORKER_LOST,
+            )
             return
         started = time.time()
         record = _record(message, TaskStatusEnum.PROCESS, started)
@@ -457,7 +541,7 @@ class Worker:
                     record=record,
                 )
             except PluginError as exc:
-                self._record_failure(delivery, message, exc)
+                self._record_failure(delivery, message, exc, DeadLetterReason.REJECTED)
                 return
             record = changes.get("record", record)
         self.writer.started(record)
@@ -466,13 +550,20 @@ class Worker:
         executor.worker = self
         counter = self.counters[message.name]
         counter.running += 1
+        # The worker's own lines about this attempt (failed, retry) carry the task too.
+        log_token = current_task.set(executor)
         try:
-            outcome = await executor.run()
-            if plugins and (WORKER_EXECUTE_AFTER in plugins or WORKER_TASK_ERROR_RETRY in plugins):
-                outcome = await self._after(plugins, executor, message, outcome)
+            try:
+                outcome = await executor.run()
+                if plugins and (
+                    WORKER_EXECUTE_AFTER in plugins or WORKER_TASK_ERROR_RETRY in plugins
+                ):
+                    outcome = await self._after(plugins, executor, message, outcome)
+            finally:
+                counter.running -= 1
+            finished = self._finish(delivery, message, record, outcome)
         finally:
-            counter.running -= 1
-        finished = self._finish(delivery, message, record, outcome)
+            current_task.reset(log_token)
         kind = outcome.kind
         if kind is OutcomeKind.SUCCESS:
             index = SUCCEEDED
@@ -547,28 +638,64 @@ class Worker:
                 outcome.error_type,
                 outcome.error_message,
             )
+            if self.app.config.dead_letter_failures:
+                detail = f"{outcome.error_type}: {outcome.error_message}"
+                if outcome.traceback:
+                    detail = f"{detail}\n{outcome.traceback}"
+                letter = _letter(delivery, DeadLetterReason.FAILED, detail, message, finished)
+                self.writer.dead(delivery, final, letter)
+                return finished
         self.writer.finish(delivery, final)
         return finished
 
-    def _record_failure(self, delivery: Delivery, message: TaskMessage, exc: Exception) -> None:
-        log.error("task %s %s rejected: %s", message.name, message.uuid, exc)
+    def _record_failure(
+        self, delivery: Delivery, message: TaskMessage, exc: Exception, reason: str
+    ) -> None:
+        log.error("task %s %s dead-lettered (%s): %s", message.name, message.uuid, reason, exc)
         self.counters[message.name].outcomes[FAILED] += 1
         now = time.time()
         record = _record(message, TaskStatusEnum.ERROR, now)
         record.error_type = type(exc).__name__
         record.error_message = str(exc)
         record.finished_at = now
-        self.writer.finish(delivery, record)
+        detail = f"{record.error_type}: {record.error_message}"
+        self.writer.dead(delivery, record, _letter(delivery, reason, detail, message, now))
+
+    def _defer(self, delivery: Delivery, message: TaskMessage) -> None:
+        """Send an unknown task back with a growing delay (requeue_unknown_tasks)."""
+        delay = min(float(delivery.delivery_count), 30.0)
+        log.warning(
+            "unknown task %r (%s): delivery %d, trying again in %.0fs",
+            message.name,
+            message.uuid,
+            delivery.delivery_count,
+            delay,
+        )
+        eta = time.time() + delay
+        env = Envelope(
+            str(message.uuid),
+            delivery.queue,
+            delivery.priority,
+            eta,
+            message.created_at,
+            delivery.body,
+        )
+        self.writer.requeue(delivery, env)
 
     def _record_bad_input(self, delivery: Delivery, exc: DecodeError) -> None:
-        uuid_text, name = peek_identity(delivery.body)
+        reason = getattr(exc, "reason", None) or "undecodable"
+        uuid_text, name = peek_identity(delivery.body, reason)
         try:
             task_uuid = uuid_module.UUID(uuid_text) if uuid_text else uuid_module.uuid4()
         except ValueError:
             task_uuid = uuid_module.uuid4()
         preview = delivery.body[:512].decode("utf-8", "replace")
         log.error(
-            "undecodable message on queue %s recorded as %s: %s", delivery.queue, task_uuid, exc
+            "undecodable message on queue %s dead-lettered as %s (%s): %s",
+            delivery.queue,
+            task_uuid,
+            reason,
+            exc,
         )
         now = time.time()
         record = Task(
@@ -584,7 +711,19 @@ class Worker:
             started_at=now,
             finished_at=now,
         )
-        self.writer.finish(delivery, record)
+        letter = DeadLetter(
+            uuid=str(task_uuid),
+            queue=delivery.queue,
+            reason=reason,
+            body=delivery.body,
+            name=name,
+            detail=str(exc),
+            priority=delivery.priority,
+            delivery_count=delivery.delivery_count,
+            created_at=delivery.created_at,
+            dead_at=now,
+        )
+        self.writer.dead(delivery, record, letter)
 
     # -- stopping ----------------------------------------------------------------------
 
@@ -640,13 +779,21 @@ class Worker:
         self._app = None
 
 
-@functools.cache
-def _version() -> str:
-    """The installed qtasks version ("unknown" when run from a source tree)."""
-    try:
-        return importlib.metadata.version("qtasks")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+def _letter(
+    delivery: Delivery, reason: str, detail: str, message: TaskMessage, now: float
+) -> DeadLetter:
+    return DeadLetter(
+        uuid=str(message.uuid),
+        queue=delivery.queue,
+        reason=reason,
+        body=delivery.body,
+        name=message.name,
+        detail=detail,
+        priority=delivery.priority,
+        delivery_count=delivery.delivery_count,
+        created_at=message.created_at,
+        dead_at=now,
+    )
 
 
 def _record(message: TaskMessage, status: TaskStatusEnum, started: float) -> Task:

@@ -6,6 +6,7 @@ and the Python API print `to_text(...)` or `to_json(...)` of the same objects.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import time
@@ -19,7 +20,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from qtasks.interfaces import QueueStats
-from qtasks.message import Task
+from qtasks.message import DeadLetter, Task
 from qtasks.stats.counters import COUNTER_NAMES, mean, quantile
 
 TEXT_WIDTH = 120
@@ -296,6 +297,40 @@ def failures_text(records: Sequence[Task]) -> str:
             f"{r.error_type}: {r.error_message}" if r.error_type else "-",
         )
     return render(table)
+
+
+def dead_letters_text(letters: Sequence[DeadLetter]) -> str:
+    """One row per dead letter, newest first; the detail's first line only."""
+    if not letters:
+        return "no dead letters"
+    table = Table(title="dead letters", box=box.SIMPLE_HEAD, title_justify="left")
+    for column in ("uuid", "name", "queue", "reason", "dead", "runs"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("detail", overflow="fold", ratio=1, min_width=24)
+    now = time.time()
+    for x in letters:
+        first_line = x.detail.strip().splitlines()[0] if x.detail.strip() else "-"
+        table.add_row(
+            x.uuid,
+            x.name or "-",
+            x.queue,
+            x.reason,
+            _age(x.dead_at, now),
+            str(x.delivery_count),
+            first_line,
+        )
+    return render(table)
+
+
+def dead_letter_data(letter: DeadLetter) -> dict[str, Any]:
+    """A dead letter as JSON data: the body as text when it is UTF-8, else base64."""
+    data = msgspec.structs.asdict(letter)
+    body = data.pop("body")
+    try:
+        data["body"] = body.decode("utf-8")
+    except UnicodeDecodeError:
+        data["body_base64"] = base64.b64encode(body).decode("ascii")
+    return data
 
 
 # -- JSON ------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from qtasks._waiters import Waiters
-from qtasks.interfaces import Storage
+from qtasks.errors import EncodeError
+from qtasks.interfaces import Steps, Storage
 from qtasks.message import Task, TaskStatusEnum
 from qtasks.plugins.state import add_number, encode_value
+from qtasks.storages.steps import StepWaiters
 
 if TYPE_CHECKING:
     from qtasks.config import QueueConfig
@@ -30,6 +32,9 @@ class MemoryStorage(Storage):
         # JSON data gets in, as with every other storage.
         self._states: dict[str, dict[str, bytes]] = {}
         self._locks: dict[tuple[str, str], tuple[str, float]] = {}
+        # Steps are kept encoded too; they go when their task's record goes.
+        self._steps: dict[str, list[bytes]] = {}
+        self._step_waiters = StepWaiters()
 
     @classmethod
     def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> MemoryStorage:
@@ -51,12 +56,15 @@ class MemoryStorage(Storage):
             if ttl is not None and task.is_final:
                 self._expires[key] = (task.finished_at or time.time()) + ttl
         self._waiters.notify(tasks)
+        if self._step_waiters:
+            self._step_waiters.notify(str(t.uuid) for t in tasks if t.is_final)
 
     def _purge(self, now: float) -> None:
         """Drop expired records; at most once a second so saves stay cheap."""
         self._next_purge = now + 1.0
         for uuid in [u for u, t in self._expires.items() if t <= now]:
             self._records.pop(uuid, None)
+            self._steps.pop(uuid, None)
             del self._expires[uuid]
 
     async def get(self, uuid: str) -> Task | None:
@@ -65,6 +73,7 @@ class MemoryStorage(Storage):
         if expires is not None and expires <= time.time():
             self._records.pop(uuid, None)
             self._expires.pop(uuid, None)
+            self._steps.pop(uuid, None)
             return None
         return task
 
@@ -75,6 +84,7 @@ class MemoryStorage(Storage):
         for uuid in uuids:
             self._records.pop(uuid, None)
             self._expires.pop(uuid, None)
+            self._steps.pop(uuid, None)
 
     async def recent(self, status: TaskStatusEnum, limit: int) -> list[Task]:
         """Records with `status`, latest finished (else started, else created) first."""
@@ -86,6 +96,39 @@ class MemoryStorage(Storage):
         ]
         found.sort(key=lambda t: t.finished_at or t.started_at or t.created_at, reverse=True)
         return found[: max(limit, 0)]
+
+    async def add_steps(self, uuid: str, values: Sequence[Any]) -> None:
+        """Append steps (EncodeError, and nothing added, if one is not JSON data)."""
+        encoded = []
+        for value in values:
+            try:
+                encoded.append(msgspec.json.encode(value))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise EncodeError(f"a step of task {uuid} cannot be stored: {exc}") from exc
+        self._steps.setdefault(str(uuid), []).extend(encoded)
+        self._step_waiters.notify((str(uuid),))
+
+    async def steps(self, uuid: str, after: int, timeout: float) -> Steps:
+        """Steps from `after` on, or the final record; waits for either up to `timeout`."""
+        uuid = str(uuid)
+        after = max(after, 0)
+        deadline = time.monotonic() + max(timeout, 0.0)
+        while True:
+            # Registered before reading, so a step added in between still wakes us.
+            fut = self._step_waiters.register(uuid)
+            try:
+                record = await self.get(uuid)
+                final = record if record is not None and record.is_final else None
+                raw = self._steps.get(uuid, [])[after:]
+                if raw or final is not None:
+                    values = [msgspec.json.decode(v) for v in raw]
+                    return Steps(values, after + len(values), final)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return Steps([], after)
+                await self._step_waiters.wait(fut, remaining)
+            finally:
+                self._step_waiters.discard(uuid, fut)
 
     # -- State: every method runs without an await, so it is atomic on the event loop ------
 

@@ -18,6 +18,15 @@ Why it works this way:
   with no further read. One subscriber connection per link serves every waiter of the
   process; after a reconnect each waiter re-reads its record once. Writers in this process
   also wake waiters directly.
+* Steps of a generator task are a Redis Stream (`...:steps:<uuid>`): step n has the id
+  `0-<n+1>`, so a reader's position is an id and needs no lookup. `add_steps` is one
+  script (XADD with MAXLEN ~ STEP_STREAM_MAXLEN, then PEXPIRE with the result TTL). The
+  `save` script adds an end mark to the stream of every final record that has one (and
+  gives the stream the record's TTL), so a reader blocked in `XREAD BLOCK` wakes when the
+  task ends as well as at each step: nothing polls. A reader that finds no stream makes an
+  empty one (XGROUP CREATE ... MKSTREAM, in the same script that reads the record) so
+  that the end mark has somewhere to go. Readers get the record and the steps from one
+  script: a final record comes with every step.
 * State (`qtasks.plugins.AsyncState`) is one hash per state (`...:state:<name>`, key →
   JSON); every State method is one command or script, so atomic across processes.
   `state_incr` adds in Redis (HINCRBY for integers, exact to 64 bits; a script for
@@ -33,10 +42,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from qtasks._redis import DEFAULT_NAMESPACE, DEFAULT_URL, RedisComponent, script
+from qtasks._redis import (
+    BLOCKING_READ_MARGIN_SECONDS,
+    DEFAULT_NAMESPACE,
+    DEFAULT_URL,
+    RedisComponent,
+    script,
+)
 from qtasks._waiters import Waiters
 from qtasks.errors import EncodeError, StorageError
-from qtasks.interfaces import Storage
+from qtasks.interfaces import Steps, Storage
 from qtasks.message import Task
 from qtasks.plugins.state import add_number, encode_value
 
@@ -46,22 +61,81 @@ if TYPE_CHECKING:
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Task)
 
+STEP_STREAM_MAXLEN = 10_000
+"""Steps a task's stream keeps at most (about: MAXLEN ~); older ones are trimmed."""
+
+_STEPS_COUNT = 1000
+"""Steps one read returns at most."""
+
+# The id of a stream's last entry, 0 for none: step n (from 0) has the id 0-(n+1).
+_LAST_SEQ = """
+local function last_seq(key)
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #last == 0 then return 0 end
+  return tonumber(string.match(last[1][1], '^0%-(%d+)$')) or 0
+end
+"""
+
 SAVE = script(
     "save",
-    """
+    _LAST_SEQ
+    + """
 -- KEYS[1] the first record's key (routing); ARGV[1] record key prefix, ARGV[2] channel
--- prefix, ARGV[3] PUBLISH or SPUBLISH, then 3 per record: uuid, expiry ('' = not final,
--- '0' = final and kept, else milliseconds to live), record
-for i = 4, #ARGV, 3 do
+-- prefix, ARGV[3] PUBLISH or SPUBLISH, ARGV[4] step stream prefix, then 3 per record:
+-- uuid, expiry ('' = not final, '0' = final and kept, else milliseconds to live), record
+for i = 5, #ARGV, 3 do
   local key, ttl = ARGV[1] .. ARGV[i], ARGV[i + 1]
   if ttl == '' or ttl == '0' then
     redis.call('SET', key, ARGV[i + 2])
   else
     redis.call('SET', key, ARGV[i + 2], 'PX', ttl)
   end
-  if ttl ~= '' then redis.call(ARGV[3], ARGV[2] .. ARGV[i], ARGV[i + 2]) end
+  if ttl ~= '' then
+    redis.call(ARGV[3], ARGV[2] .. ARGV[i], ARGV[i + 2])
+    local steps = ARGV[4] .. ARGV[i]
+    if redis.call('EXISTS', steps) == 1 then
+      -- The end mark wakes readers blocked on the stream; it lives as long as the record.
+      redis.call('XADD', steps, '0-' .. (last_seq(steps) + 1), 'end', '1')
+      if ttl == '0' then redis.call('PERSIST', steps) else redis.call('PEXPIRE', steps, ttl) end
+    end
+  end
 end
 return 1
+""",
+)
+
+ADD_STEPS = script(
+    "add_steps",
+    _LAST_SEQ
+    + """
+-- KEYS[1] the task's step stream; ARGV[1] MAXLEN, ARGV[2] milliseconds to live ('' = no
+-- expiry), ARGV[3...] the steps. Returns the id sequence number of the last one.
+local n = last_seq(KEYS[1])
+for i = 3, #ARGV do
+  n = n + 1
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-' .. n, 'v', ARGV[i])
+end
+if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return n
+""",
+)
+
+READ_STEPS = script(
+    "read_steps",
+    """
+-- KEYS[1] the task's record, KEYS[2] its step stream; ARGV[1] the first id to read,
+-- ARGV[2] how many at most, ARGV[3] milliseconds to live of a stream made here ('' = no
+-- expiry). Returns {record or nil, entries}.
+local record = redis.call('GET', KEYS[1])
+local entries = redis.call('XRANGE', KEYS[2], ARGV[1], '+', 'COUNT', ARGV[2])
+if record and #entries == 0 and redis.call('EXISTS', KEYS[2]) == 0 then
+  -- An empty stream, so that the save of the final record puts its end mark in it and
+  -- wakes the XREAD the reader blocks in next. (A group is the only way to make an
+  -- empty stream; nobody reads through it.)
+  redis.call('XGROUP', 'CREATE', KEYS[2], 'qtasks', '0', 'MKSTREAM')
+  if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+end
+return {record, entries}
 """,
 )
 
@@ -144,11 +218,20 @@ class RedisStorage(RedisComponent, Storage):
         """Write records, publish the final ones (one script call), wake local waiters."""
         if not tasks:
             return
+        await self._run([self.save_command(tasks)])
+        self.saved(tasks)
+
+    def saved(self, tasks: Sequence[Task]) -> None:
+        """Wake this process's waiters of records written by `save_command`."""
+        self._waiters.notify(tasks)
+
+    def save_command(self, tasks: Sequence[Task]) -> tuple[Any, ...]:
+        """The one command `save` sends, for a broker that pipelines it with its acks."""
         ttl = self.config.result_ttl_seconds
         now = time.time()
         k = self.keys
         publish = "SPUBLISH" if self.link.cluster else "PUBLISH"
-        args: list[str | bytes] = [k.record_prefix, k.done_prefix, publish]
+        args: list[str | bytes] = [k.record_prefix, k.done_prefix, publish, k.steps_prefix]
         for task, (uuid, record) in zip(tasks, self.encode_records(tasks), strict=True):
             if not task.is_final:
                 expiry = ""
@@ -157,8 +240,7 @@ class RedisStorage(RedisComponent, Storage):
             else:
                 expiry = str(max(1, int(((task.finished_at or now) + ttl - now) * 1000)))
             args += (uuid, expiry, record)
-        await self._eval(SAVE, [k.record(str(tasks[0].uuid))], args)
-        self._waiters.notify(tasks)
+        return SAVE.command([k.record(str(tasks[0].uuid))], args)
 
     async def get(self, uuid: str) -> Task | None:
         """The record, or None if unknown or expired."""
@@ -222,7 +304,62 @@ class RedisStorage(RedisComponent, Storage):
     async def remove(self, uuids: Sequence[str]) -> None:
         """Delete records."""
         if uuids:
-            await self._call("DEL", *(self.keys.record(str(u)) for u in uuids))
+            keys = self.keys
+            await self._call(
+                "DEL", *(k for u in uuids for k in (keys.record(str(u)), keys.steps(str(u))))
+            )
+
+    # -- Steps ---------------------------------------------------------------------------
+
+    def _steps_ttl(self) -> str:
+        ttl = self.config.result_ttl_seconds
+        return "" if ttl is None else str(max(1, int(ttl * 1000)))
+
+    async def add_steps(self, uuid: str, values: Sequence[Any]) -> None:
+        """Append steps to the task's stream in one script call (readers wake in XREAD)."""
+        uuid = str(uuid)
+        encoded = []
+        for value in values:
+            try:
+                encoded.append(_encoder.encode(value))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise EncodeError(f"a step of task {uuid} cannot be stored: {exc}") from exc
+        if encoded:
+            args = [STEP_STREAM_MAXLEN, self._steps_ttl(), *encoded]
+            # Not retried: a lost reply after the script ran would add the steps twice.
+            await self._eval(ADD_STEPS, [self.keys.steps(uuid)], args, retry=False)
+
+    async def steps(self, uuid: str, after: int, timeout: float) -> Steps:
+        """Steps from `after` on, or the final record; blocks in XREAD for either."""
+        uuid = str(uuid)
+        after = max(after, 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        keys = [self.keys.record(uuid), self.keys.steps(uuid)]
+        while True:
+            raw, entries = await self._eval(
+                READ_STEPS, keys, [f"0-{after + 1}", _STEPS_COUNT, self._steps_ttl()]
+            )
+            values: list[Any] = []
+            for entry_id, fields in entries:
+                after = int(entry_id.rpartition(b"-")[2])
+                if fields[0] == b"v":  # else the end mark: it only wakes readers
+                    values.append(self._decode_step(fields[1], uuid))
+            record = None if raw is None else self._decode(raw, uuid)
+            final = record if record is not None and record.is_final else None
+            remaining = deadline - loop.time()
+            if values or final is not None or remaining <= 0:
+                return Steps(values, after, final)
+            # Until the next entry: a step, or the end mark the final save adds.
+            block_ms = max(1, int(remaining * 1000))
+            command = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", keys[1], f"0-{after}")
+            await self._run([command], read_timeout=remaining + BLOCKING_READ_MARGIN_SECONDS)
+
+    def _decode_step(self, raw: bytes, uuid: str) -> Any:
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise StorageError(f"a step of task {uuid} in {self!r} is corrupt: {exc}") from exc
 
     # -- State ---------------------------------------------------------------------------
 

@@ -12,6 +12,10 @@ Why it works this way:
   workers in other processes it re-reads with backoff up to `poll_interval_seconds`.
 * Finished records get `expires_at = finished_at + result_ttl_seconds`; `get` hides expired
   rows at once and `save` purges them in bounded chunks at most once per sweep interval.
+* Steps of generator tasks are rows of `qtasks_steps` (task, seq, value); `steps` reads
+  them with the task's status in one read job, so a final record it returns comes with
+  every step. Readers wait like `wait`: woken at once by this process's writers, re-reading
+  with backoff for other processes'. Steps are purged with their task's record.
 * State lives in `qtasks_state` (one row per key). Every State method is one job of the
   writer thread, and each job runs inside a `BEGIN IMMEDIATE` transaction that holds the
   file's write lock: a read-modify-write such as `state_incr` is atomic across processes.
@@ -20,6 +24,7 @@ Why it works this way:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import time
@@ -31,9 +36,10 @@ import msgspec
 from qtasks._sqlite import DEFAULT_NAMESPACE, SqliteComponent, chunks, placeholders
 from qtasks._waiters import Waiters
 from qtasks.errors import EncodeError, StorageError
-from qtasks.interfaces import Storage
+from qtasks.interfaces import Steps, Storage
 from qtasks.message import Task, TaskStatusEnum
 from qtasks.plugins.state import add_number, encode_value
+from qtasks.storages.steps import StepWaiters
 
 if TYPE_CHECKING:
     from qtasks.config import QueueConfig
@@ -72,12 +78,14 @@ class SqliteStorage(SqliteComponent, Storage):
     ) -> None:
         super().__init__(path, namespace=namespace, config=config)
         self._waiters = Waiters()
+        self._step_waiters = StepWaiters()
         self._next_purge = 0.0
 
     async def start(self) -> None:
         """Open the file and join this process's waiters for it."""
         await super().start()
         self._waiters = self.db.shared("waiters", self.namespace, Waiters)
+        self._step_waiters = self.db.shared("step_waiters", self.namespace, StepWaiters)
 
     def _rows(self, tasks: Sequence[Task], now: float, with_expiry: bool) -> list[_Row]:
         ttl = self.config.result_ttl_seconds
@@ -125,6 +133,8 @@ class SqliteStorage(SqliteComponent, Storage):
         if await self._run(upsert) >= _PURGE_CHUNK:
             self._next_purge = 0.0  # more expired rows are left: purge again next time
         self._waiters.notify(tasks)
+        if self._step_waiters:
+            self._step_waiters.notify(str(t.uuid) for t in tasks if t.is_final)
 
     async def get(self, uuid: str) -> Task | None:
         """The record, or None if unknown or expired."""
@@ -169,6 +179,9 @@ class SqliteStorage(SqliteComponent, Storage):
                 conn.execute(
                     f"DELETE FROM qtasks_tasks WHERE ns = ? AND uuid IN ({marks})", (ns, *part)
                 )
+                conn.execute(
+                    f"DELETE FROM qtasks_steps WHERE ns = ? AND uuid IN ({marks})", (ns, *part)
+                )
 
         await self._run(delete)
 
@@ -193,6 +206,89 @@ class SqliteStorage(SqliteComponent, Storage):
             return [_decoder.decode(raw) for raw in rows]
         except msgspec.DecodeError as exc:
             raise StorageError(f"a record in {self.path} is corrupt: {exc}") from exc
+
+    # -- Steps ---------------------------------------------------------------------------
+
+    async def add_steps(self, uuid: str, values: Sequence[Any]) -> None:
+        """Append steps in one transaction, then wake their readers in this process."""
+        uuid = str(uuid)
+        encoded = []
+        for value in values:
+            try:
+                encoded.append(_encoder.encode(value))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise EncodeError(f"a step of task {uuid} cannot be stored: {exc}") from exc
+        if not encoded:
+            return
+        key = (self.namespace, uuid)
+
+        def append(conn: sqlite3.Connection) -> None:
+            # Under the write lock: no other writer can take the same seq meanwhile.
+            (first,) = conn.execute(
+                "SELECT COALESCE(MAX(seq) + 1, 0) FROM qtasks_steps WHERE ns = ? AND uuid = ?",
+                key,
+            ).fetchone()
+            conn.executemany(
+                "INSERT INTO qtasks_steps (ns, uuid, seq, value) VALUES (?, ?, ?, ?)",
+                [(*key, first + i, value) for i, value in enumerate(encoded)],
+            )
+
+        await self._run(append)
+        self._step_waiters.notify((uuid,))
+
+    async def steps(self, uuid: str, after: int, timeout: float) -> Steps:
+        """Steps from `after` on, or the final record; see the module docstring for waiting."""
+        uuid = str(uuid)
+        after = max(after, 0)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        interval = 0.001
+        waiters = self._step_waiters
+        while True:
+            # Registered before reading, so a write in this process in between wakes us.
+            fut = waiters.register(uuid)
+            try:
+                page = await self._read_steps(uuid, after)
+                if page.values or page.final is not None:
+                    return page
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return page
+                # Writers in other processes cannot reach `fut`: re-read with backoff.
+                await waiters.wait(fut, min(remaining, interval))
+                interval = min(interval * 2, self.config.poll_interval_seconds)
+            finally:
+                waiters.discard(uuid, fut)
+
+    async def _read_steps(self, uuid: str, after: int) -> Steps:
+        key = (self.namespace, uuid)
+
+        def read(conn: sqlite3.Connection) -> tuple[bytes | None, list[bytes]]:
+            # One read transaction: the status and the steps are one consistent snapshot.
+            row = conn.execute(
+                "SELECT record, status, expires_at FROM qtasks_tasks WHERE ns = ? AND uuid = ?",
+                key,
+            ).fetchone()
+            if row is not None and row[2] is not None and row[2] <= time.time():
+                return None, []  # expired: its steps are gone too, whatever the purge did
+            values = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT value FROM qtasks_steps WHERE ns = ? AND uuid = ? AND seq >= ?"
+                    " ORDER BY seq",
+                    (*key, after),
+                )
+            ]
+            final = row[0] if row is not None and TaskStatusEnum(row[1]).is_final else None
+            return final, values
+
+        final, raw = await self._run(read, write=False)
+        try:
+            values = [msgspec.json.decode(v) for v in raw]
+            record = None if final is None else _decoder.decode(final)
+        except msgspec.DecodeError as exc:
+            raise StorageError(f"steps of task {uuid} in {self.path} are corrupt: {exc}") from exc
+        return Steps(values, after + len(values), record)
 
     # -- State: each method is one job, so one transaction under the write lock -----------
 
@@ -309,9 +405,15 @@ class SqliteStorage(SqliteComponent, Storage):
 
 def _purge(conn: sqlite3.Connection, now: float) -> int:
     # Expiry times are absolute, so deleting other namespaces' expired rows is correct too.
-    # Bounded, so a large backlog never holds the write lock for long.
-    return conn.execute(
-        "DELETE FROM qtasks_tasks WHERE rowid IN"
-        " (SELECT rowid FROM qtasks_tasks WHERE expires_at <= ? LIMIT ?)",
+    # Bounded, so a large backlog never holds the write lock for long. The steps of the
+    # same tasks go in the same transaction.
+    rows = conn.execute(
+        "SELECT rowid, ns, uuid FROM qtasks_tasks WHERE expires_at <= ? LIMIT ?",
         (now, _PURGE_CHUNK),
-    ).rowcount
+    ).fetchall()
+    if rows:
+        conn.executemany(
+            "DELETE FROM qtasks_steps WHERE ns = ? AND uuid = ?", [(ns, u) for _, ns, u in rows]
+        )
+        conn.executemany("DELETE FROM qtasks_tasks WHERE rowid = ?", [(r,) for r, _, _ in rows])
+    return len(rows)

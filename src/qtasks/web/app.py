@@ -9,8 +9,9 @@ the internet):
 - `/tasks/{uuid}` one record: arguments, result, error with traceback, timings, attempts,
   with retry / cancel buttons.
 
-Every page polls its JSON twin under `/api/...` every few seconds and swaps in the fresh
-HTML fragments it carries (`html`), next to the facts themselves. Actions are POSTs:
+Every page polls its JSON twin under `/api/...` every few seconds (not while its tab is
+hidden) and swaps in the fresh HTML fragments it carries (`html`), next to the facts
+themselves; `tests/browser` checks this in a real Chromium. Actions are POSTs:
 `/tasks/{uuid}/retry`, `/tasks/{uuid}/cancel`, `/queues/{queue}/purge` (forms, answered
 with a redirect) and the same under `/api/` (answered with JSON). A POST from another
 origin is refused (403): it needs an Origin (or Referer) naming this host, unless it
@@ -38,9 +39,9 @@ from urllib.parse import urlencode, urlsplit
 import msgspec
 
 from qtasks.cli import operations
-from qtasks.message import Task, TaskStatusEnum
+from qtasks.message import DeadLetter, Task, TaskStatusEnum
 from qtasks.stats import AsyncStats, StatsNotSupported
-from qtasks.stats.report import AppStats, TaskStats, WorkerStats
+from qtasks.stats.report import AppStats, TaskStats, WorkerStats, dead_letter_data
 from qtasks.urls import redact_url
 from qtasks.web import INSTALL_HINT
 
@@ -85,6 +86,7 @@ pre{background:#fff;border:1px solid #e3e6eb;padding:.8rem;overflow:auto}
 .muted{color:#6b7280}#live-status{margin-left:auto;font-size:.85rem;color:#9aa4b5}
 form.inline{display:inline}button{cursor:pointer}.flash{background:#fff7d6;padding:.5rem}
 svg{background:#fff;border:1px solid #e3e6eb}
+.when,td a code{white-space:nowrap}
 """
 
 _SCRIPT = """
@@ -92,16 +94,29 @@ _SCRIPT = """
   var src=document.body.getAttribute('data-live');
   var box=document.getElementById('live-status');
   if(!src){return;}
+  var shown={};
+  box.textContent='live \\u00b7 every '+(REFRESH_MS/1000)+'s';
   async function tick(){
     try{
       var r=await fetch(src,{headers:{'Accept':'application/json'},credentials:'same-origin'});
       if(!r.ok){throw new Error('HTTP '+r.status);}
       var data=await r.json();var html=data.html||{};
-      for(var key in html){var el=document.getElementById(key);if(el){el.innerHTML=html[key];}}
+      for(var key in html){
+        var el=document.getElementById(key);
+        // An unchanged fragment is left alone: no flicker, a text selection survives.
+        if(el&&shown[key]!==html[key]){el.innerHTML=html[key];shown[key]=html[key];}
+      }
       box.textContent='live \\u00b7 '+new Date().toLocaleTimeString();
     }catch(e){box.textContent='live updates paused ('+e.message+')';}
   }
-  setInterval(tick,REFRESH_MS);
+  // The next poll is planned when this one ends, so a slow server never gets a pile of
+  // them; a hidden tab does not poll at all and catches up as soon as it is shown.
+  async function loop(){
+    if(!document.hidden){await tick();}
+    setTimeout(loop,REFRESH_MS);
+  }
+  document.addEventListener('visibilitychange',function(){if(!document.hidden){tick();}});
+  setTimeout(loop,REFRESH_MS);
 })();
 """
 
@@ -123,9 +138,11 @@ class WebAuth:
 
 
 def _when(ts: float | None) -> str:
+    """A UTC time as HTML, kept on one line (a date split from its time reads badly)."""
     if ts is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + " UTC"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts))
+    return f"<span class='when'>{stamp} UTC</span>"
 
 
 def _seconds(value: float | None) -> str:
@@ -193,6 +210,7 @@ def _page(title: str, sections: dict[str, str], *, live: str | None = None, flas
         f"<title>{escape(title)} · qtasks</title><style>{_STYLE}</style></head>"
         f"<body{live_attr}><header><b>qtasks</b><a href='/'>overview</a>"
         "<a href='/tasks'>tasks</a><a href='/tasks?status=error'>failed</a>"
+        "<a href='/dead-letters'>dead letters</a>"
         "<form class='inline' method='get' action='/tasks'>"
         "<input name='uuid' placeholder='task uuid' size='36' aria-label='task uuid'> "
         "<button>find</button></form><span id='live-status'></span></header>"
@@ -228,20 +246,26 @@ class Throughput:
 
 
 def chart_svg(rates: Sequence[tuple[float, float, float]], width: int = 600) -> str:
-    """Tasks per second over time as bars (failures in red), an inline SVG."""
+    """Tasks per second over time as bars (failures in red), an inline SVG.
+
+    Every sample has a slot of the same width, the newest at the right edge: the chart
+    fills from the right as samples come in, instead of one bar as wide as the chart.
+    """
     height, pad = 120, 18
     if not rates:
         return (
             "<p class='muted'>throughput appears after a few refreshes "
             f"(every {REFRESH_SECONDS}s)</p>"
         )
+    rates = rates[-(CHART_SAMPLES - 1) :]
     peak = max(max(r[1] for r in rates), 1e-9)
-    bar = (width - 2) / max(len(rates), 1)
+    bar = (width - 2) / (CHART_SAMPLES - 1)
+    first = CHART_SAMPLES - 1 - len(rates)
     parts = [
         f"<svg role='img' aria-label='throughput' width='{width}' height='{height + pad}' "
         f"viewBox='0 0 {width} {height + pad}' xmlns='http://www.w3.org/2000/svg'>"
     ]
-    for i, (_, done, failed) in enumerate(rates):
+    for i, (_, done, failed) in enumerate(rates, start=first):
         x = 1 + i * bar
         h = done / peak * (height - 4)
         hf = failed / peak * (height - 4)
@@ -254,9 +278,11 @@ def chart_svg(rates: Sequence[tuple[float, float, float]], width: int = 600) -> 
                 f"<rect x='{x:.1f}' y='{height - hf:.1f}' width='{max(bar - 1, 1):.1f}' "
                 f"height='{hf:.1f}' fill='#dc2626'><title>{failed:.1f} failed/s</title></rect>"
             )
+    samples = f"{len(rates)} sample" + ("" if len(rates) == 1 else "s")
     parts.append(
+        f"<line x1='1' y1='{height}' x2='{width - 1}' y2='{height}' stroke='#e3e6eb'/>"
         f"<text x='4' y='{height + 13}' font-size='11' fill='#6b7280'>peak {peak:.1f} tasks/s "
-        f"· last {rates[-1][1]:.1f}/s · {len(rates)} samples</text></svg>"
+        f"· last {rates[-1][1]:.1f}/s · {samples}</text></svg>"
     )
     return "".join(parts)
 
@@ -313,7 +339,11 @@ def queues_html(queues: Sequence[QueueStats]) -> str:
                 _opt(q.ready),
                 _opt(q.delayed),
                 _opt(q.in_flight),
-                _opt(q.dead_lettered),
+                (
+                    f"<a href='/dead-letters?{urlencode({'queue': q.queue})}'>{q.dead_lettered}</a>"
+                    if q.dead_lettered
+                    else _opt(q.dead_lettered)
+                ),
                 escape(by_priority),
                 purge,
             ]
@@ -332,6 +362,48 @@ def queues_html(queues: Sequence[QueueStats]) -> str:
         rows,
         "no queues",
     )
+
+
+def dead_letters_html(letters: Sequence[DeadLetter], now: float) -> str:
+    """The dead letters table: why each was set aside, with Retry and Drop buttons."""
+    rows = []
+    for x in letters:
+        uuid = escape(x.uuid)
+        first_line = x.detail.strip().splitlines()[0] if x.detail.strip() else "-"
+        actions = _post_button(f"/dead-letters/{x.uuid}/retry", "Retry") + _post_button(
+            f"/dead-letters/{x.uuid}/drop", "Drop", f"Drop dead letter {x.uuid} for good?"
+        )
+        rows.append(
+            [
+                f"<a href='/tasks/{uuid}'><code>{uuid}</code></a>",
+                escape(x.name or "-"),
+                escape(x.queue),
+                f"<span class='error'>{escape(x.reason)}</span>",
+                escape(f"{max(now - x.dead_at, 0.0):.0f}s ago"),
+                str(x.delivery_count),
+                f"<span title='{escape(x.detail)}'>{escape(first_line)}</span>",
+                actions,
+            ]
+        )
+    return _table(
+        ["uuid", "name", "queue", "reason", "dead since", "#runs", "detail", ""],
+        rows,
+        "no dead letters",
+    )
+
+
+def dead_queues_html(queues: Sequence[QueueStats]) -> str:
+    """One Purge button per queue that holds dead letters."""
+    buttons = [
+        _post_button(
+            f"/queues/{q.queue}/dead-letters/purge",
+            f"Purge dead letters of {q.queue}",
+            f"Drop every dead letter of {q.queue} for good?",
+        )
+        for q in queues
+        if q.dead_lettered
+    ]
+    return " ".join(buttons)
 
 
 def tasks_html(tasks: Sequence[TaskStats]) -> str:
@@ -393,9 +465,10 @@ def summary_html(app: AppStats, urls: dict[str, str]) -> str:
     wiring = " · ".join(
         f"{escape(part)} <code>{escape(url)}</code>" for part, url in urls.items() if url
     )
+    alive = f"{app.workers_alive} worker{'' if app.workers_alive == 1 else 's'} alive"
     return (
         f"<p>app <b>{escape(app.name)}</b> · broker {escape(app.broker)} · storage "
-        f"{escape(app.storage)} · <span class='alive'>{app.workers_alive} workers alive</span>"
+        f"{escape(app.storage)} · <span class='alive'>{alive}</span>"
         f", <span class='{'lost' if app.workers_lost else 'muted'}'>{app.workers_lost} lost"
         f"</span></p><p class='muted'>{wiring}</p>"
     )
@@ -812,6 +885,59 @@ def create_app(
     async def purge(request: Request) -> Response:
         return await act(request, "purge")
 
+    # -- dead letters --
+
+    async def dead_data(request: Request) -> dict[str, Any]:
+        core_ = await started()
+        queue = request.query_params.get("queue", "").strip()
+        queues = [queue] if queue else None
+        letters = await core_.dead_letters(queues, LIST_LIMIT)
+        stats = await inspect.queue_stats()
+        html = {
+            "letters": dead_letters_html(letters, time.time()),
+            "purge": dead_queues_html([q for q in stats if not queue or q.queue == queue]),
+        }
+        return {"dead_letters": [dead_letter_data(x) for x in letters], "html": html}
+
+    async def dead_letters(request: Request) -> Response:
+        try:
+            data = await dead_data(request)
+        except NotImplementedError as exc:
+            return _error(str(exc), 501, api=False)
+        query = request.url.query
+        live = "/api/dead-letters" + (f"?{query}" if query else "")
+        flash = request.query_params.get("done", "")
+        sections = {"purge": data["html"]["purge"], "letters": data["html"]["letters"]}
+        return HTMLResponse(_page("dead letters", sections, live=live, flash=flash))
+
+    async def api_dead_letters(request: Request) -> Response:
+        try:
+            return _json(await dead_data(request))
+        except NotImplementedError as exc:
+            return _error(str(exc), 501, api=True)
+
+    async def dead_act(request: Request) -> Response:
+        api = request.url.path.startswith("/api/")
+        core_ = await started()
+        action = request.url.path.rstrip("/").rsplit("/", 1)[1]
+        try:
+            if action == "purge":
+                queue = request.path_params["queue"]
+                done = await operations.settle_dead_letters(core_, "drop", [], [queue])
+                message = f"dropped {len(done)} dead letter(s) of {queue}"
+            else:
+                uuid = request.path_params["uuid"]
+                done = await operations.settle_dead_letters(core_, action, [uuid], None)
+                verb = "sent again" if action == "retry" else "dropped"
+                message = f"dead letter {uuid} {verb}"
+        except operations.OperationError as exc:
+            return _error(str(exc), 409, api=api)
+        if api:
+            return _json({"action": action, "uuids": done})
+        if action == "retry":
+            return RedirectResponse(f"/tasks/{done[0]}?{urlencode({'done': message})}", 303)
+        return RedirectResponse(f"/dead-letters?{urlencode({'done': message})}", 303)
+
     # -- the other facts, as JSON --
 
     async def api_app(request: Request) -> Response:
@@ -840,6 +966,14 @@ def create_app(
         Route("/tasks/{uuid}/retry", retry, methods=post),
         Route("/tasks/{uuid}/cancel", cancel, methods=post),
         Route("/queues/{queue}/purge", purge, methods=post),
+        Route("/dead-letters", dead_letters),
+        Route("/dead-letters/{uuid}/retry", dead_act, methods=post),
+        Route("/dead-letters/{uuid}/drop", dead_act, methods=post),
+        Route("/queues/{queue}/dead-letters/purge", dead_act, methods=post),
+        Route("/api/dead-letters", api_dead_letters),
+        Route("/api/dead-letters/{uuid}/retry", dead_act, methods=post),
+        Route("/api/dead-letters/{uuid}/drop", dead_act, methods=post),
+        Route("/api/queues/{queue}/dead-letters/purge", dead_act, methods=post),
         Route("/api/overview", api_overview),
         Route("/api/app", api_app),
         Route("/api/workers", api_workers),
