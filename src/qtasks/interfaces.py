@@ -55,6 +55,10 @@ class Broker(abc.ABC):
     """Moves task messages; a delivered message is kept until acked, so a dead worker loses none."""
 
     consumer_id: str = ""
+    claim_limit_seconds: float | None = None
+    """How long the server lets a claimed message stay unacked before it takes it back and
+    hands it out again (RabbitMQ's consumer_timeout); None: as long as the consumer lives.
+    The worker warns at start about tasks allowed to run longer (they would run twice)."""
 
     async def start(self) -> None:
         """Connect; called before any other method. Must be callable again after stop."""

@@ -75,6 +75,12 @@ _FAMILIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("counter", "qtasks_task_retried", "Attempts that failed and were scheduled again.", ("task",)),
     ("counter", "qtasks_task_cancelled", "Attempts that ended cancelled.", ("task",)),
     ("gauge", "qtasks_task_running", "Attempts running now.", ("task",)),
+    (
+        "counter",
+        "qtasks_task_redelivered",
+        "Deliveries taken again after a fault (worker lost, connection dropped).",
+        ("task",),
+    ),
     ("histogram", "qtasks_task_duration_seconds", "Run time of finished attempts.", ("task",)),
     (
         "histogram",
@@ -167,6 +173,7 @@ class WorkerCollector:
             for outcome, index in _OUTCOMES:
                 families[f"qtasks_task_{outcome}"].add_metric([name], counts[index])
             families["qtasks_task_running"].add_metric([name], counter.running)
+            families["qtasks_task_redelivered"].add_metric([name], counter.redelivered)
             families["qtasks_task_duration_seconds"].add_metric(
                 [name], _buckets(list(counter.duration_counts)), counter.duration_sum
             )

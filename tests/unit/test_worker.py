@@ -489,3 +489,61 @@ async def test_second_stop_request_gives_up_on_running_tasks(make_app, counting_
     assert cancelled.is_set()
     assert counting_broker.acked == 0
     assert counting_broker.ready == 1
+
+
+async def test_warns_about_tasks_that_may_outlive_the_brokers_claim_limit(
+    make_app, run_until_idle, caplog
+) -> None:
+    broker = MemoryBroker()
+    broker.claim_limit_seconds = 60.0
+    app = make_app(broker=broker)
+
+    @app.task(max_time=30)
+    async def short() -> None: ...
+
+    @app.task
+    async def unbounded() -> None: ...
+
+    @app.task(max_time=120)
+    async def long() -> None: ...
+
+    await run_until_idle(app)
+    (line,) = [
+        r.getMessage() for r in caplog.records if "takes a claimed message" in r.getMessage()
+    ]
+    assert "long, unbounded may run longer" in line
+    assert "short" not in line
+
+
+def test_rabbitmq_url_says_the_servers_consumer_timeout() -> None:
+    from qtasks.brokers.rabbitmq import RabbitMQBroker
+
+    def limit(url: str) -> float | None:
+        return RabbitMQBroker.from_url(url, namespace="n", config=QueueConfig()).claim_limit_seconds
+
+    assert limit("amqp://guest:guest@localhost/") == 1800.0
+    assert limit("amqp://localhost/?consumer_timeout=7200") == 7200.0
+    assert limit("amqp://localhost/?consumer_timeout=none") is None
+
+
+async def test_redeliveries_are_counted_per_task(make_app) -> None:
+    app = make_app()
+
+    @app.task
+    async def job() -> str:
+        return "ok"
+
+    record = await job.add_task()
+    await app.start()
+    (first,) = await app.broker.fetch(["default"], 1, 1.0)
+    again = Delivery(first.body, first.receipt, first.queue, 0, first.created_at, 3)
+    worker = Worker()
+    await worker.start(app)
+    try:
+        await worker.process(again)
+        await worker.writer.flush()
+        assert (await app.get(record.uuid)).returning == "ok"
+        assert worker.counters["job"].redelivered == 1
+        assert worker.counters.snapshot()["job"]["redelivered"] == 1
+    finally:
+        await worker.stop(0)

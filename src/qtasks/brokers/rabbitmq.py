@@ -118,6 +118,9 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_NAMESPACE = "QueueTasks"
 DEFAULT_MAX_PRIORITY = 10
+DEFAULT_CONSUMER_TIMEOUT_SECONDS = 1800.0
+"""RabbitMQ's own default consumer_timeout (30 min since 3.8.15): past it, the server closes
+the channel of a delivery still unacked and delivers the message again."""
 
 _H_QUEUE = "x-qtasks-queue"
 _H_PRIORITY = "x-qtasks-priority"
@@ -213,6 +216,7 @@ class RabbitMQBroker(Broker):
         config: QueueConfig | None = None,
         max_priority: int = DEFAULT_MAX_PRIORITY,
         connect_timeout_seconds: float = 30.0,
+        consumer_timeout_seconds: float | None = DEFAULT_CONSUMER_TIMEOUT_SECONDS,
     ) -> None:
         if not 1 <= max_priority <= 255:
             raise ConfigurationError(f"max_priority must be within 1..255, got {max_priority}")
@@ -223,6 +227,7 @@ class RabbitMQBroker(Broker):
         self.config = config or QueueConfig()
         self.max_priority = max_priority
         self.connect_timeout_seconds = connect_timeout_seconds
+        self.claim_limit_seconds = consumer_timeout_seconds
         self.consumer_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self.declared_queues: set[str] = set()
         """Every qtasks queue this broker declared (for `delete_queues` in tests and tools)."""
@@ -242,15 +247,20 @@ class RabbitMQBroker(Broker):
     def from_url(cls, url: str, *, namespace: str, config: QueueConfig) -> RabbitMQBroker:
         """Build from `amqp[s]://user:password@host:port/vhost[?max_priority=N]`.
 
-        Other query parameters (heartbeat, ssl options, ...) go to aio-pika as they are.
+        `consumer_timeout=SECONDS` tells qtasks the server's consumer_timeout (RabbitMQ's
+        default, 1800, is assumed; `none` when the server has it off). Other query
+        parameters (heartbeat, ssl options, ...) go to aio-pika as they are.
         """
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
-        ours = {k: v for k, v in query if k in {"max_priority", "connect_timeout"}}
+        names = {"max_priority", "connect_timeout", "consumer_timeout"}
+        ours = {k: v for k, v in query if k in names}
         rest = urlencode([(k, v) for k, v in query if k not in ours])
         try:
             max_priority = int(ours.get("max_priority", DEFAULT_MAX_PRIORITY))
             connect_timeout = float(ours.get("connect_timeout", 30.0))
+            raw_timeout = ours.get("consumer_timeout", str(DEFAULT_CONSUMER_TIMEOUT_SECONDS))
+            consumer_timeout = None if raw_timeout.lower() == "none" else float(raw_timeout)
         except ValueError as exc:
             raise ConfigurationError(f"bad parameter in {redact_url(url)}: {exc}") from None
         return cls(
@@ -259,6 +269,7 @@ class RabbitMQBroker(Broker):
             config=config,
             max_priority=max_priority,
             connect_timeout_seconds=connect_timeout,
+            consumer_timeout_seconds=consumer_timeout,
         )
 
     # -- names -------------------------------------------------------------------------

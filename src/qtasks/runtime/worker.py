@@ -402,11 +402,25 @@ class Worker:
 
     @staticmethod
     async def _warn_about_broker(app: AsyncQueueTasks) -> None:
+        warnings: list[str] = []
         try:
-            warnings = await app.broker.startup_warnings()
+            warnings += await app.broker.startup_warnings()
         except Exception:  # advice only: never a reason not to start
             log.debug("could not check the broker's settings", exc_info=True)
-            return
+        limit = app.broker.claim_limit_seconds
+        if limit is not None:
+            long = sorted(
+                d.name for d in app.tasks.values() if d.max_time is None or d.max_time > limit
+            )
+            if long:
+                warnings.append(
+                    f"{type(app.broker).__name__} takes a claimed message back after "
+                    f"{limit:g}s unacked and delivers it again, but task(s) "
+                    f"{', '.join(long[:10])}{' ...' if len(long) > 10 else ''} may run longer "
+                    f"(no max_time, or a longer one): they would run twice. Give them a "
+                    f"max_time below {limit:g}s, or raise the server's limit and say so in "
+                    f"the URL (RabbitMQ: consumer_timeout=SECONDS or none)"
+                )
         for line in warnings:
             log.warning("%s", line)
 
@@ -505,6 +519,8 @@ class Worker:
         except DecodeError as exc:
             self._record_bad_input(delivery, exc)
             return
+        if delivery.delivery_count > 1:
+            self.counters[message.name].redelivered += 1
         definition = app.tasks.get(message.name)
         limit = app.config.max_deliveries
         if definition is None:

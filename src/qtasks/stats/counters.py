@@ -17,7 +17,9 @@ TIME_BUCKETS_SECONDS: tuple[float, ...] = (
 )  # fmt: skip
 """Upper bounds of the duration and queue-wait buckets (the last bucket is open)."""
 
-COUNTER_NAMES = ("processed", "succeeded", "failed", "retried", "cancelled", "running")
+COUNTER_NAMES = (
+    "processed", "succeeded", "failed", "retried", "cancelled", "running", "redelivered",
+)  # fmt: skip
 """The counters kept per task name, in display order."""
 
 
@@ -33,11 +35,14 @@ class TaskCounter:
     """
 
     __slots__ = (
-        "duration_counts", "duration_sum", "outcomes", "running", "wait_counts", "wait_sum",
+        "duration_counts", "duration_sum", "outcomes", "redelivered", "running", "wait_counts",
+        "wait_sum",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.running = 0
+        self.redelivered = 0
+        """Deliveries taken again after a fault (a worker died, a connection dropped)."""
         self.outcomes = [0, 0, 0, 0]
         """Attempts that ended succeeded, failed, retried and cancelled (index constants)."""
         self.duration_counts = [0] * (len(TIME_BUCKETS_SECONDS) + 1)
@@ -63,6 +68,7 @@ class TaskCounter:
             "retried": retried,
             "cancelled": cancelled,
             "running": self.running,
+            "redelivered": self.redelivered,
             "duration": {"counts": list(self.duration_counts), "sum": self.duration_sum},
             "queue_wait": {"counts": list(self.wait_counts), "sum": self.wait_sum},
         }

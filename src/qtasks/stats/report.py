@@ -61,6 +61,8 @@ class TaskStats:
     retried: int = 0
     cancelled: int = 0
     running: int = 0
+    redelivered: int = 0
+    """Deliveries taken again after a fault: the bound on duplicate runs."""
     duration_mean_seconds: float | None = None
     duration_p95_seconds: float | None = None
     queue_wait_mean_seconds: float | None = None
@@ -164,10 +166,13 @@ def app_text(stats: AppStats) -> str:
 
 def tasks_text(tasks: Sequence[TaskStats]) -> str:
     """One row per task name with its counters and timings."""
-    table = Table(title="tasks", box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(title="tasks", box=box.SIMPLE_HEAD, title_justify="left", collapse_padding=True)
     for column in ("name", "queue", *COUNTER_NAMES, "mean", "p95", "wait p95"):
         numeric = column not in ("name", "queue")
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+        if numeric:
+            table.add_column(column, justify="right", no_wrap=True)
+        else:
+            table.add_column(column, overflow="fold")
     for t in tasks:
         table.add_row(
             t.name if t.registered else f"{t.name} (not registered here)",
