@@ -1,15 +1,16 @@
-"""End to end on RabbitMQ and on Kafka: CLI workers, a producer process, a SIGKILL.
+"""End to end on every server broker: CLI workers, a producer process, a SIGKILL.
 
-Per broker: a `python -m qtasks -A e2e_app:app run` worker and a separate producer
-process exchange 10,000 tasks (QTASKS_E2E_TASKS to change it; about 15 s per broker
-here) with every result checked. Then the worker is killed with SIGKILL in the middle
-of a second batch and a new worker finishes it: nothing is lost (tasks in flight at the
-kill may run twice, as at-least-once allows). Results go to a SQLite file both
-processes share: these brokers keep none.
+Per broker (SQLite, Redis, RabbitMQ, Kafka): a `python -m qtasks -A e2e_app:app run`
+worker and a separate producer process exchange 10,000 tasks (QTASKS_E2E_TASKS to
+change it; about 15 s per broker here) with every result checked. Then the worker is
+killed with SIGKILL in the middle of a second batch and a new worker finishes it:
+nothing is lost (tasks in flight at the kill may run twice, as at-least-once allows).
+RabbitMQ and Kafka keep no results: theirs go to a SQLite file both processes share.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
@@ -28,7 +29,7 @@ import pytest
 from qtasks import QueueTasks, TaskStatusEnum
 
 from ..kafka_server import kafka_url
-from ..servers import RABBITMQ_URL, require_server
+from ..servers import RABBITMQ_URL, REDIS_URL, delete_namespace, require_server
 
 E2E_TASKS = int(os.environ.get("QTASKS_E2E_TASKS", "10000"))
 KILL_BATCH = 400
@@ -40,6 +41,8 @@ from qtasks import QueueConfig, QueueTasks
 config = QueueConfig(
     max_tasks_process=16,
     heartbeat_interval_seconds=0.5,
+    worker_lost_after_seconds=3.0,  # the killed worker's claims come back within ~4 s
+    sweep_interval_seconds=1.0,
     graceful_shutdown_seconds=5,
 )
 app = QueueTasks({name!r}, broker_url={broker_url!r}, storage_url={storage_url!r}, config=config)
@@ -90,6 +93,13 @@ def rabbitmq_broker_url() -> str:
     parts = urlsplit(RABBITMQ_URL)
     require_server("RabbitMQ", parts.hostname or "127.0.0.1", parts.port or 5672)
     return RABBITMQ_URL
+
+
+def redis_broker_url() -> str:
+    host_port = REDIS_URL.split("//", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    require_server("Redis", host or "127.0.0.1", int(port or 6379))
+    return REDIS_URL
 
 
 def kafka_broker_url() -> str:
@@ -162,6 +172,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 @pytest.mark.parametrize(
     "broker",
     [
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
         pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
         pytest.param("kafka", marks=pytest.mark.kafka),
     ],
@@ -169,9 +181,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def test_cli_worker_and_producer_then_sigkill_loses_nothing(
     broker: str, tmp_path: Path, start_worker: Callable[[Path], Worker]
 ) -> None:
-    broker_url = rabbitmq_broker_url() if broker == "rabbitmq" else kafka_broker_url()
     name = f"qtasks-e2e-{uuid.uuid4().hex[:10]}"
     storage_url = f"sqlite:///{tmp_path / 'results.sqlite3'}"
+    if broker == "sqlite":
+        broker_url = storage_url
+    elif broker == "redis":
+        broker_url = storage_url = redis_broker_url()
+    else:
+        broker_url = rabbitmq_broker_url() if broker == "rabbitmq" else kafka_broker_url()
     source = APP_TEMPLATE.format(
         name=name,
         broker_url=broker_url,
@@ -223,3 +240,5 @@ def test_cli_worker_and_producer_then_sigkill_loses_nothing(
         if cleanup is not None:
             app.portal.call(cleanup(["default"]))
         app.close()
+        if broker == "redis":
+            asyncio.run(delete_namespace(REDIS_URL, name))
