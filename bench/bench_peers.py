@@ -10,9 +10,11 @@ qtasks runs from this repository's venv. matplotlib goes into a venv of its own 
 (`chart`), never into the project. The task apps are bench/peers/<system>_app.py.
 
 Every system gets the same tasks: `incr` does one Redis INCR on a shared counter, `ping`
-one RPUSH. Redis db 14 (`--url`) is flushed before and after each system's turn, so use a
-database nothing else uses. Per run, for each system in turn (the order rotates between
-runs, and figures are medians of the runs):
+one RPUSH, `nap` sleeps 50 ms (asyncio.sleep in qtasks and taskiq, time.sleep in the
+thread-based huey, dramatiq and celery) then does the INCR, and `count` does the INCR and
+returns the new count. Redis db 14 (`--url`) is flushed before and after each system's
+turn and before its I/O-bound phase, so use a database nothing else uses. Per run, for
+each system in turn (the order rotates between runs, and figures are medians of the runs):
 
   enqueue      N single enqueue calls, one after another, no worker running
                (bench/peers/driver.py in the system's venv: await add_task / kiq, delay(),
@@ -23,8 +25,31 @@ runs, and figures are medians of the runs):
   round trip   enqueue -> the task ran, p50 and p99 of --round-trips trips on the idle
                worker: `ping` RPUSHes, the driver waits with BLPOP (blocking, no polling)
                and the time includes the enqueue call
-  memory       peak RSS (VmHWM) after the drain and round trips, summed over the worker's
-               process tree (supervisor + children) and of its largest process
+  memory       peak RSS (VmHWM) after the drain and those round trips, summed over the
+               worker's process tree (supervisor + children) and of its largest process
+  result API   enqueue `count` -> its return value in the producer, through the system's
+               own result API as its users call it (defaults kept, 5 s timeout), p50 and
+               p99 of --round-trips trips on the same idle worker (after the memory
+               reading, so that row is as before):
+                 qtasks    await app.add_task("count", timeout=5)   the finished record
+                 huey      count().get(blocking=True)    polls: 0.1 s first, then backoff
+                 dramatiq  count.send().get_result(block=True)  Results(RedisBackend),
+                           a blocking pop, no polling
+                 taskiq    await (await count.kiq()).wait_result()  RedisAsyncResultBackend,
+                           polls every 0.2 s (its default check_interval)
+                 celery    count.delay().get()   Redis result backend, pub/sub, no polling
+  I/O-bound    2,000 `nap` tasks queued (untimed), then a fresh worker process running
+               100 at once (settings below); the clock runs from the first INCR to the
+               2,000th like the drain's, plus the 50 ms the first task slept before its
+               INCR, so 100 tasks at a time, 50 ms each, gives the ideal: exactly 2,000/s
+
+Result backends are set up so the other rows measure what they did without one: huey
+keeps results by default but not None ones, and only `count` returns a value; dramatiq's
+Results middleware stores only for actors with store_results=True (`count`), though it
+now looks that option up after every message; celery's other tasks have
+ignore_result=True (no result subscription when sent, nothing stored when run); taskiq
+stores every task's result, so its backend is RedisAsyncResultBackend minus successful
+None results (bench/peers/taskiq_app.py). qtasks keeps a record for every task anyway.
 
 Worker settings (one worker process, otherwise the defaults; logging kept to warnings):
 
@@ -35,9 +60,19 @@ Worker settings (one worker process, otherwise the defaults; logging kept to war
                                                (RedisStreamBroker, acks)
   celery    celery worker -c 1 -l warning      prefork: main + 1 child, prefetch 4
 
-Workers run in their own process group, killed (SIGTERM, then SIGKILL) when the turn ends
-and on every exit path. The machine may be shared: compare columns of one run, and mind
-the load average printed with the table.
+and for the I/O-bound row, each system's own way to run 100 tasks at once in one process:
+
+  qtasks    qtasks run --concurrency 100
+  huey      huey_consumer -q -k thread -w 100
+  dramatiq  dramatiq --processes 1 --threads 100
+  taskiq    taskiq worker --workers 1 --max-async-tasks 100   (100 is also its default)
+  celery    celery worker -P threads -c 100 -l warning        (prefetch 4 x 100)
+
+Workers run in their own process group, killed (SIGTERM, then SIGKILL) when each phase
+ends and on every exit path (SIGTERM and SIGHUP to this script unwind like Ctrl-C). The
+machine may be shared: compare columns of one run, and mind the load average printed
+with the table. The result-API trips of huey and taskiq take 0.1-0.2 s each (polling),
+so --round-trips 500 adds about 2.5 minutes per run.
 """
 
 from __future__ import annotations
@@ -73,6 +108,9 @@ PINS: dict[str, list[str]] = {
 }
 CHART_PINS = ["matplotlib==3.9.2"]
 PEERS = list(PINS)
+IO_TASKS = 2000  # the I/O-bound row: this many `nap` tasks (50 ms sleep, then one INCR)
+IO_CONCURRENCY = 100
+NAP = 0.05  # bench/peers/common.py's NAP
 
 
 @dataclass
@@ -81,6 +119,8 @@ class System:
     bin: Path  # the venv's bin directory
     worker: list[str]
     note: str
+    io_worker: list[str]
+    io_note: str
     version: str = ""
     figures: list[dict[str, float]] = field(default_factory=list)
 
@@ -90,6 +130,7 @@ class System:
 
 
 def worker_argv(name: str, bin_dir: Path) -> tuple[list[str], str]:
+    """The worker command for every row but the I/O-bound one: the system's defaults."""
     if name == "qtasks":
         return [str(bin_dir / "qtasks"), "-A", "qtasks_app:app", "run", "-l", "warning"], "c=10"
     if name == "huey":
@@ -102,6 +143,27 @@ def worker_argv(name: str, bin_dir: Path) -> tuple[list[str], str]:
     if name == "celery":
         argv = [str(bin_dir / "celery"), "-A", "celery_app", "worker", "-c", "1"]
         return [*argv, "-l", "warning"], "prefork c=1"
+    raise ValueError(name)
+
+
+def io_worker_argv(name: str, bin_dir: Path) -> tuple[list[str], str]:
+    """The worker command for the I/O-bound row: one process running 100 tasks at once."""
+    if name == "qtasks":
+        argv = [str(bin_dir / "qtasks"), "-A", "qtasks_app:app", "run", "--concurrency"]
+        return [*argv, str(IO_CONCURRENCY), "-l", "warning"], "c=100"
+    if name == "huey":
+        argv = [str(bin_dir / "huey_consumer"), "huey_app.huey", "-q", "-k", "thread", "-w"]
+        return [*argv, str(IO_CONCURRENCY)], "100 threads"
+    if name == "dramatiq":
+        argv = [str(bin_dir / "dramatiq"), "dramatiq_app", "--processes", "1", "--threads"]
+        return [*argv, str(IO_CONCURRENCY)], "1 proc, 100 thr"
+    if name == "taskiq":
+        argv = [str(bin_dir / "taskiq"), "worker", "taskiq_app:broker", "--workers", "1"]
+        argv += ["--max-async-tasks", str(IO_CONCURRENCY), "--log-level", "WARNING"]
+        return argv, "1 proc, 100 async"
+    if name == "celery":
+        argv = [str(bin_dir / "celery"), "-A", "celery_app", "worker", "-P", "threads", "-c"]
+        return [*argv, str(IO_CONCURRENCY), "-l", "warning"], "threads c=100"
     raise ValueError(name)
 
 
@@ -170,10 +232,10 @@ def driver(system: System, url: str, mode: str, n: int) -> dict[str, float]:
 class Worker:
     """A system's worker CLI in its own process group; `kill()` ends the whole group."""
 
-    def __init__(self, system: System, url: str, log: Path) -> None:
+    def __init__(self, argv: list[str], url: str, log: Path) -> None:
         self.log = log.open("ab")
         self.proc = subprocess.Popen(
-            system.worker,
+            argv,
             cwd=APPS,
             env=child_env(url),
             stdout=self.log,
@@ -211,6 +273,8 @@ class Worker:
         return sum(peaks), max(peaks, default=0.0)
 
     def kill(self) -> None:
+        if self.log.closed:  # killed already
+            return
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -241,7 +305,7 @@ def wait_counter(control: redis.Redis, target: int, worker: Worker, timeout: flo
                 f"worker exited with {worker.proc.returncode}; see {worker.log.name}"
             )
         if time.monotonic() > deadline:
-            raise RuntimeError(f"drain timed out at {count}/{target}")
+            raise RuntimeError(f"counter timed out at {count}/{target}")
         time.sleep(0.001)
 
 
@@ -251,22 +315,36 @@ def wait_counter(control: redis.Redis, target: int, worker: Worker, timeout: flo
 def one_turn(system: System, url: str, n: int, round_trips: int, logs: Path) -> dict[str, float]:
     control = redis.Redis.from_url(url)
     figures: dict[str, float] = {}
+    workers: list[Worker] = []
+    log = logs / f"{system.name}.log"
     control.flushdb()
-    worker = None
     try:
+        # The default worker: enqueue (none running), drain, round trips, memory, result API.
         enq = driver(system, url, "enqueue", n)
         figures["enqueue"] = enq["rate"]
         queued = int(enq["queued"])
-        worker = Worker(system, url, logs / f"{system.name}.log")
+        workers.append(worker := Worker(system.worker, url, log))
         elapsed = wait_counter(control, queued, worker, timeout=max(120.0, n / 20))
         figures["drain"] = (queued - 1) / elapsed
         rt = driver(system, url, "roundtrip", round_trips)
         figures["rt50"] = rt["p50"]
         figures["rt99"] = rt["p99"]
         figures["mem_tree"], figures["mem_max"] = worker.peak_rss_mib()
+        rt = driver(system, url, "result", round_trips)
+        figures["res50"] = rt["p50"]
+        figures["res99"] = rt["p99"]
+        worker.kill()
+        # I/O-bound: a fresh database and a worker at concurrency 100 for IO_TASKS naps.
+        control.flushdb()
+        queued = int(driver(system, url, "nap", IO_TASKS)["queued"])
+        workers.append(worker := Worker(system.io_worker, url, log))
+        elapsed = wait_counter(control, queued, worker, timeout=120.0)
+        # The clock starts at the first INCR, which comes NAP after the first task began:
+        # adding NAP back makes 100 tasks at a time, 50 ms each, exactly 2,000/s.
+        figures["io"] = queued / (elapsed + NAP)
     finally:
-        if worker is not None:
-            worker.kill()
+        for w in workers:
+            w.kill()
         control.flushdb()
         control.close()
     return figures
@@ -276,8 +354,11 @@ ROWS = [
     # key, label, unit, higher is better
     ("drain", "drain N queued, one INCR each", "tasks/s", True),
     ("enqueue", "enqueue N, single calls", "calls/s", True),
+    ("io", "I/O-bound 2,000 x 50 ms, c=100", "tasks/s", True),
     ("rt50", "round trip enqueue -> ran, p50", "ms", False),
     ("rt99", "round trip enqueue -> ran, p99", "ms", False),
+    ("res50", "round trip via result API, p50", "ms", False),
+    ("res99", "round trip via result API, p99", "ms", False),
     ("mem_tree", "worker peak RSS, process tree", "MiB", False),
     ("mem_max", "worker peak RSS, largest process", "MiB", False),
 ]
@@ -300,11 +381,16 @@ def report(systems: list[System], args: argparse.Namespace, load: str) -> dict[s
         }
     title = f"n={args.n:,}, runs={args.runs}, round trips={args.round_trips}, medians"
     print(f"\nqtasks vs peers on Redis ({args.url}): {title}; load average {load}\n")
-    width = 2 + max(10, *(len(x) for s in systems for x in (s.name, s.note, s.version)))
+    cells = [x for s in systems for x in (s.name, s.note, s.io_note, s.version)]
+    width = 2 + max(10, *(len(x) for x in cells))
     header = f"{'workload':<42}" + "".join(f"{n:>{width}}" for n in names)
     print(header + f"{'qtasks/best':>14}")
     print(f"{'versions':<42}" + "".join(f"{s.version:>{width}}" for s in systems))
     print(f"{'worker concurrency':<42}" + "".join(f"{s.note:>{width}}" for s in systems))
+    print(
+        f"{'worker concurrency, I/O-bound row':<42}"
+        + "".join(f"{s.io_note:>{width}}" for s in systems)
+    )
     chart_rows = []
     for key, label, unit, higher in ROWS:
         values = {n: medians[n].get(key) for n in names}
@@ -312,7 +398,8 @@ def report(systems: list[System], args: argparse.Namespace, load: str) -> dict[s
         ratio = "-"
         if values.get("qtasks") is not None and peers:
             best = max(peers) if higher else min(peers)
-            ratio = f"{values['qtasks'] / best:.2f}x"
+            r = values["qtasks"] / best
+            ratio = f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
         line = f"{label + ' (' + unit + ')':<42}"
         print(line + "".join(f"{fmt(values[n]):>{width}}" for n in names) + f"{ratio:>14}")
         chart_rows.append([label, unit, {n: v for n, v in values.items() if v is not None}])
@@ -335,6 +422,10 @@ def draw_chart(data: dict[str, object], cache: Path, out: Path) -> None:
     finally:
         os.unlink(f.name)
     print(f"chart: {out}")
+
+
+def exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -360,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ["qtasks", *peers]:
         bin_dir = REPO_VENV_BIN if name == "qtasks" else ensure_venv(args.cache / name, PINS[name])
         argv_, note = worker_argv(name, bin_dir)
-        systems.append(System(name, bin_dir, argv_, note))
+        io_argv, io_note = io_worker_argv(name, bin_dir)
+        systems.append(System(name, bin_dir, argv_, note, io_argv, io_note))
     if args.setup_only:
         if not args.no_chart:
             ensure_venv(args.cache / "chart", CHART_PINS)
@@ -368,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
     for s in systems:
         s.version = version_of(s)
 
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every turn's `finally` kills its workers.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, exit_on_signal)
     logs = Path(tempfile.mkdtemp(prefix="qtasks-bench-peers-"))
     print(f"worker logs: {logs}", file=sys.stderr)
     for run in range(args.runs):

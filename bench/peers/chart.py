@@ -35,7 +35,7 @@ def main() -> None:
     for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     fig.suptitle(data["title"], fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(sys.argv[2], dpi=110)
 
 

@@ -11,3 +11,5 @@ import os
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 COUNTER = "bench:count"
 ROUND_TRIP = "bench:rt"
+NAP = 0.05  # seconds the I/O-bound `nap` task sleeps before its INCR
+RESULT_TIMEOUT = 5.0  # seconds a result round trip may wait for the result

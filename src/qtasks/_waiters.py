@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 
+from qtasks.errors import TaskNotFound
 from qtasks.message import Task
 
 
@@ -58,6 +59,8 @@ class Waiters:
     ) -> Task | None:
         """The final record of `uuid`, or None after `timeout` seconds.
 
+        TaskNotFound when there is no record (never enqueued, expired or evicted), at
+        once or when the time runs out: a lost record is reported, never waited out.
         Registers first and reads second, so a write between the two is never missed.
         Writers in this process wake the waiter directly. With `recheck_max_seconds` the
         record is also re-read on a backoff schedule (1 ms doubling up to that bound) for
@@ -68,12 +71,16 @@ class Waiters:
         fut = self.register(uuid)
         try:
             current = await read()
-            if current is not None and current.is_final:
+            if current is None:
+                raise TaskNotFound(uuid)
+            if current.is_final:
                 return current
             interval = 0.001
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    if await read() is None:
+                        raise TaskNotFound(uuid)
                     return None
                 step = remaining if recheck_max_seconds is None else min(remaining, interval)
                 done, _ = await asyncio.wait((fut,), timeout=step)
@@ -81,7 +88,9 @@ class Waiters:
                     return fut.result()
                 if recheck_max_seconds is not None:
                     current = await read()
-                    if current is not None and current.is_final:
+                    if current is None:
+                        raise TaskNotFound(uuid)
+                    if current.is_final:
                         return current
                     interval = min(interval * 2, recheck_max_seconds)
         finally:

@@ -14,7 +14,7 @@
     ├── TaskTimeout               a task ran longer than its max_time
     ├── WaitTimeout               app.wait() gave up before the task finished
     ├── TaskFailed                a streamed task ended with status error or cancel
-    ├── TaskNotFound              no record of a task uuid (unknown or expired)
+    ├── TaskNotFound              no record of a task uuid (unknown, expired or evicted)
     ├── StateLockTimeout          a State lock was not acquired in time
     └── PluginError               a plugin raised, or returned a replacement of the wrong shape
 
@@ -229,5 +229,8 @@ class TaskNotFound(QTasksError, LookupError):  # noqa: N818 - names what happene
     """No record of this task uuid: never enqueued here, or expired (result_ttl_seconds)."""
 
     def __init__(self, uuid: str) -> None:
-        super().__init__(f"no task {uuid} (unknown or expired)")
+        super().__init__(
+            f"no record of task {uuid}: never enqueued here, expired (result_ttl_seconds) "
+            f"or evicted by the backend"
+        )
         self.uuid = uuid

@@ -227,7 +227,11 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def wait(self, uuid: str, timeout: float) -> Task | None:
-        """The record once final, or None if `timeout` seconds pass first; no busy polling."""
+        """The record once final, or None if `timeout` seconds pass first; no busy polling.
+
+        TaskNotFound if there is no record (never enqueued, expired, evicted): at once, or
+        at the timeout if it vanished meanwhile, so a lost result is never waited out.
+        """
 
     async def remove(self, uuids: Sequence[str]) -> None:
         """Delete records (used when a publish failed after the record was added)."""

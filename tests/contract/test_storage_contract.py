@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from qtasks.config import QueueConfig
-from qtasks.errors import EncodeError
+from qtasks.errors import EncodeError, TaskNotFound
 from qtasks.interfaces import Storage
 from qtasks.message import Task, TaskMessage, TaskStatusEnum, new_uuid, record_for
 
@@ -101,7 +101,24 @@ async def test_wait_times_out(storage: Storage) -> None:
     start = time.monotonic()
     assert await storage.wait(str(task.uuid), 0.1) is None
     assert 0.09 <= time.monotonic() - start < 0.5
-    assert await storage.wait(str(new_uuid()), 0.05) is None
+
+
+async def test_wait_on_a_missing_record_says_so_at_once(storage: Storage) -> None:
+    # Never enqueued, expired or evicted: reported as such, never waited out.
+    start = time.monotonic()
+    with pytest.raises(TaskNotFound):
+        await storage.wait(str(new_uuid()), 5.0)
+    assert time.monotonic() - start < 1.0
+
+
+async def test_wait_reports_a_record_that_vanished_meanwhile(storage: Storage) -> None:
+    task = new_record()
+    await storage.add([task])
+    waiting = asyncio.ensure_future(storage.wait(str(task.uuid), 0.5))
+    await asyncio.sleep(0.1)
+    await storage.remove([str(task.uuid)])
+    with pytest.raises(TaskNotFound):
+        await waiting
 
 
 async def test_finished_records_expire(make_storage: MakeStorage, qconfig: QueueConfig) -> None:

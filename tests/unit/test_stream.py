@@ -362,7 +362,7 @@ async def test_stream_checks_arguments_at_once(app: QueueTasks) -> None:
 
 async def test_app_stream_of_an_unknown_task(app: QueueTasks) -> None:
     unknown = uuid_module.uuid4()
-    with pytest.raises(TaskNotFound, match=f"no task {unknown}"):
+    with pytest.raises(TaskNotFound, match=f"no record of task {unknown}"):
         await anext(app.stream(unknown))
 
 

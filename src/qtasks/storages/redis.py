@@ -50,7 +50,7 @@ from qtasks._redis import (
     script,
 )
 from qtasks._waiters import Waiters
-from qtasks.errors import EncodeError, StorageError
+from qtasks.errors import EncodeError, StorageError, TaskNotFound
 from qtasks.interfaces import Steps, Storage
 from qtasks.message import Task
 from qtasks.plugins.state import add_number, encode_value
@@ -281,13 +281,17 @@ class RedisStorage(RedisComponent, Storage):
                 # Unconfirmed after `timeout` (Redis unreachable): the read below decides.
                 await asyncio.wait((confirmed,), timeout=max(timeout, 0.0))
             current = await self.get(uuid)
-            if current is not None and current.is_final:
+            if current is None:  # never enqueued, expired, or evicted by maxmemory
+                raise TaskNotFound(uuid)
+            if current.is_final:
                 return current
             remaining = deadline - loop.time()
             if remaining > 0:
                 done, _ = await asyncio.wait((fut,), timeout=remaining)
                 if done:
                     return fut.result()
+            if await self.get(uuid) is None:  # gone while waiting: say so, not "timeout"
+                raise TaskNotFound(uuid)
             return None
         finally:
             waiters.discard(uuid, fut)
