@@ -6,7 +6,8 @@
 
 Each peer is installed, at the pinned versions below, from PyPI into its own virtual
 environment under `--cache` (default ~/.cache/qtasks-bench/<peer>, reused when present);
-qtasks runs from this repository's venv. matplotlib goes into a venv of its own there too
+qtasks too, as this checkout installed editable with only its `redis` extra (like a
+production install). matplotlib goes into a venv of its own there too
 (`chart`), never into the project. The task apps are bench/peers/<system>_app.py.
 
 Every system gets the same tasks: `incr` does one Redis INCR on a shared counter, `ping`
@@ -95,7 +96,11 @@ import redis
 
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "peers"
-REPO_VENV_BIN = Path(sys.executable).parent
+REPO = HERE.parent
+# qtasks gets a venv of its own too, with only the `redis` extra (editable, so it runs this
+# checkout): the repository's dev venv also holds OpenTelemetry, which redis-py imports
+# when present, and a worker would carry ~4 MiB no production install has.
+QTASKS_PINS = ["-e", f"{REPO}[redis]"]
 DEFAULT_URL = os.environ.get("QTASKS_BENCH_PEERS_URL", "redis://127.0.0.1:6379/14")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qtasks-bench"
 
@@ -449,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
 
     systems: list[System] = []
     for name in ["qtasks", *peers]:
-        bin_dir = REPO_VENV_BIN if name == "qtasks" else ensure_venv(args.cache / name, PINS[name])
+        pins = QTASKS_PINS if name == "qtasks" else PINS[name]
+        bin_dir = ensure_venv(args.cache / name, pins)
         argv_, note = worker_argv(name, bin_dir)
         io_argv, io_note = io_worker_argv(name, bin_dir)
         systems.append(System(name, bin_dir, argv_, note, io_argv, io_note))
