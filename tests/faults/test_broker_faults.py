@@ -142,24 +142,7 @@ def test_11_argument_mismatch_fails_once(make_scenario: MakeScenario, broker: st
     assert s.ledger.starts()[uuids[0]] == 0, "the function never ran"
 
 
-CLOCK_SKEW_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="bug: the consumer decides whether a delayed message is due with its own clock "
-    "(RabbitMQ: _consume compares the x-qtasks-eta-us header, an absolute time on the "
-    "producer's clock, with time.time(), and _hop picks the next bucket from it; Kafka: "
-    "record timestamps + bucket waits and the eta against time.time()), so a worker 30 s "
-    "ahead runs delayed tasks early and one 30 s behind keeps hopping them for 30 s",
-)
-
-
-@pytest.mark.parametrize(
-    "broker",
-    [
-        "redis",
-        pytest.param("rabbitmq", marks=CLOCK_SKEW_BUG),
-        pytest.param("kafka", marks=CLOCK_SKEW_BUG),
-    ],
-)
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq", "kafka"])
 def test_15_delayed_tasks_under_worker_clock_skew(make_scenario: MakeScenario, broker: str) -> None:
     """Workers 30 s ahead and 30 s behind; due times must come from the broker's clock.
 

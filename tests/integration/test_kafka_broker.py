@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from qtasks import ConfigurationError, QueueConfig, TaskStatusEnum
 from qtasks.asyncio import QueueTasks
+from qtasks.brokers import kafka as kafka_module
 from qtasks.brokers.kafka import KafkaBroker
 from qtasks.errors import Retry
 from qtasks.interfaces import Delivery
@@ -194,6 +196,130 @@ async def test_a_delay_is_kept_to_the_millisecond_side(make_broker: Any) -> None
     assert eta <= arrived < eta + 0.5
     await broker.ack([now, later])
     assert await broker.queue_sizes(["q"]) == {"q": 0}, "every hop committed"
+
+
+def skewed_time(seconds: float) -> types.SimpleNamespace:
+    """A stand-in for the `time` module whose wall clock is `seconds` off (monotonic is not)."""
+    return types.SimpleNamespace(
+        time=lambda: time.time() + seconds, monotonic=time.monotonic, sleep=time.sleep
+    )
+
+
+async def test_long_waits_are_sent_on_after_a_quarter_with_what_is_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No server: a record of a long-wait delay topic is held a quarter of the wait, then
+    produced again with the rest of the wait (so a crash costs at most that quarter)."""
+    broker = KafkaBroker("127.0.0.1:1", namespace="app")
+    sent: list[Any] = []
+
+    async def produce(items: list[Any]) -> list[None]:
+        sent.extend(items)
+        return [None] * len(items)
+
+    monkeypatch.setattr(broker, "_produce", produce)
+    tp = kafka_module.TopicPartition("app.q.delay.12", 0)
+    part = kafka_module._Partition(tp)
+    record = types.SimpleNamespace(
+        offset=7, value=b"x", timestamp=0, headers=[("qtasks-rest-us", b"250")]
+    )
+    part.hold(7)
+    broker._take_in(part, kafka_module._Topic("q", None, 12), record)
+    (held,) = broker._held[tp]
+    wait = 4**12 / 1000  # about 4.7 hours
+    assert held.due - held.checkpoint == pytest.approx(wait * 3 / 4)
+    assert held.rest_us == 250
+    held.checkpoint = time.monotonic()  # pretend a quarter has passed
+    await broker._forward_due()
+    (item,) = sent
+    left = item.wait_us - 250
+    assert wait * 3 / 4 * 1e6 - 0.1e6 <= left <= wait * 1e6, "the rest of the wait, never less"
+    assert 7 in part.done, "the old record is finished"
+    # Short waits are held whole: their checkpoint is when they are due.
+    short = types.SimpleNamespace(
+        offset=8, value=b"y", timestamp=0, headers=[("qtasks-rest-us", b"0")]
+    )
+    part.hold(8)
+    before = time.monotonic()
+    broker._take_in(part, kafka_module._Topic("q", None, 5), short)
+    (kept,) = broker._held[tp]
+    assert kept.checkpoint == kept.due >= before + 1.024
+
+
+@pytest.mark.parametrize("skew", [30.0, -30.0])
+async def test_delays_do_not_depend_on_the_consumers_clock(
+    make_broker: Any, monkeypatch: pytest.MonkeyPatch, skew: float
+) -> None:
+    """Produced on a true clock, consumed (and retried) by a member 30 s off: each delay
+    topic's wait is measured on the member's monotonic clock from the record's arrival, so
+    the delay is neither early (+30 s) nor held back (-30 s)."""
+    broker = await make_broker(namespace(), partitions=1)
+    assert await broker.wait_assigned(20)
+    eta = time.time() + 1.2
+    await broker.publish([env("later", eta=eta)])
+    monkeypatch.setattr(kafka_module, "time", skewed_time(skew))
+    (later,) = await take_all(broker, 1, timeout=5.0)
+    arrived = time.time()
+    assert later.body == b"later"
+    assert eta <= arrived < eta + 0.6, arrived - eta
+    # A retry's eta is set on the worker's (skewed) clock: its backoff is kept.
+    retry_eta = kafka_module.time.time() + 0.6
+    await broker.requeue([(later, env("retry", eta=retry_eta))])
+    requeued = time.time()
+    (again,) = await take_all(broker, 1, timeout=5.0)
+    assert again.body == b"retry"
+    assert requeued + 0.6 <= time.time() < requeued + 1.2
+    await broker.ack([again])
+    assert await broker.queue_sizes(["q"]) == {"q": 0}, "every hop committed"
+
+
+async def test_a_stopping_member_passes_on_what_its_delays_have_waited(
+    make_broker: Any,
+) -> None:
+    """A held record's wait is measured on the holder's monotonic clock; leaving the
+    group sends it on with what is left, so the next reader does not start it over."""
+    broker = await make_broker(namespace(), partitions=1)
+    assert await broker.wait_assigned(20)
+    eta = time.time() + 6.0  # bucket 6 (4.096 s), then about 1.9 s
+    await broker.publish([env("later", eta=eta)])
+    await asyncio.sleep(3.0)
+    assert sum(len(q) for q in broker._held.values()) == 1, "held here, not due yet"
+    await broker._stop_consumer()
+    stopped = time.time()
+    await broker._subscribe(["q"])
+    assert await broker.wait_assigned(20)
+    joined = time.time()
+    (later,) = await take_all(broker, 1, timeout=20.0)
+    arrived = time.time()
+    assert later.body == b"later"
+    assert arrived >= eta, "never early"
+    # What was left at the stop, from when the member read again (+ hops); starting the
+    # 4 s wait over would make it about 3 s later than this.
+    assert arrived < joined + (eta - stopped) + 0.8, (arrived - eta, joined - stopped)
+    await broker.ack([later])
+    assert await broker.queue_sizes(["q"]) == {"q": 0}
+
+
+async def test_a_delayed_record_in_the_old_format_keeps_its_eta(make_broker: Any) -> None:
+    """In flight across an upgrade: an absolute eta header, no rest (read on this clock)."""
+    broker = await make_broker(namespace(), partitions=1)
+    assert await broker.wait_assigned(20)
+    eta = time.time() + 0.8
+    headers = [
+        ("qtasks-queue", b"q"),
+        ("qtasks-priority", b"0"),
+        ("qtasks-created-us", str(round(time.time() * 1e6)).encode()),
+        ("qtasks-deliveries", b"0"),
+        ("qtasks-uuid", str(uuid.uuid4()).encode()),
+        ("qtasks-eta-us", str(round(eta * 1e6)).encode()),
+    ]
+    producer = broker._producer
+    await (await producer.send(broker.delay_topic("q", 3), value=b"old", headers=headers))
+    (got,) = await take_all(broker, 1, timeout=5.0)
+    assert got.body == b"old"
+    assert eta <= time.time() < eta + 0.6
+    await broker.ack([got])
+    assert await broker.queue_sizes(["q"]) == {"q": 0}
 
 
 async def test_a_worker_runs_retries_and_survives_poison(tmp_path: Path) -> None:

@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
 import pytest
 
 from qtasks import ConfigurationError, QueueConfig, TaskStatusEnum
 from qtasks.asyncio import QueueTasks
-from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
+from qtasks.brokers import rabbitmq as rabbitmq_module
+from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms, next_hop
 from qtasks.brokers.rabbitmq import RabbitMQBroker, amqp_priority
 from qtasks.errors import Retry
 from qtasks.global_configs.sqlite import SqliteGlobalConfig
@@ -71,6 +74,33 @@ def test_delay_buckets_never_deliver_early() -> None:
         if level < BUCKET_LEVELS - 1:
             assert bucket_wait_ms(level + 1) > seconds * 1000
     assert bucket_for(86_400.0 * 30) == BUCKET_LEVELS - 1
+
+
+def test_a_countdown_waits_its_delay_and_under_a_millisecond_more() -> None:
+    for remaining_us in (1, 400, 999, 1000, 1001, 1_500_000, 4_250_000, 3_600_000_000, 10**13):
+        waited = hops = 0
+        rest = remaining_us
+        while True:
+            level, after = next_hop(rest)
+            if level is None:
+                break
+            assert 0 <= after < rest or rest < 1000
+            waited += bucket_wait_ms(level) * 1000
+            hops += 1
+            rest = after
+        assert waited >= remaining_us, "never early"
+        assert waited < remaining_us + 1000, "late by under 1 ms of bucket waits"
+        assert hops <= 3 * BUCKET_LEVELS
+    assert next_hop(0) == (None, 0)
+    assert next_hop(-5) == (None, 0)
+    assert next_hop(1_500_000) == (5, 1_500_000 - 1_024_000)
+
+
+def skewed_time(seconds: float) -> types.SimpleNamespace:
+    """A stand-in for the `time` module whose wall clock is `seconds` off (monotonic is not)."""
+    return types.SimpleNamespace(
+        time=lambda: time.time() + seconds, monotonic=time.monotonic, sleep=time.sleep
+    )
 
 
 def test_url_parameters() -> None:
@@ -348,3 +378,63 @@ async def test_a_deleted_queue_is_consumed_again(rabbitmq_url: str) -> None:
         await janitor.delete_queues(["q"])
         await broker.stop()
         await janitor.stop()
+
+
+@pytest.mark.parametrize("skew", [30.0, -30.0])
+async def test_delays_do_not_depend_on_the_consumers_clock(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch, skew: float
+) -> None:
+    """Published on a true clock, consumed (and retried) by a worker 30 s off: the bucket
+    TTLs count the delay down, so it is neither early (+30 s) nor held back (-30 s)."""
+    namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+    broker = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    await broker.start()
+    try:
+        eta = time.time() + 1.2
+        await broker.publish([Envelope(str(uuid.uuid4()), "q", 0, eta, time.time(), b"d")])
+        monkeypatch.setattr(rabbitmq_module, "time", skewed_time(skew))
+        (got,) = await broker.fetch(["q"], 1, 5.0)
+        arrived = time.time()
+        assert got.body == b"d"
+        assert eta <= arrived < eta + 0.5, arrived - eta
+        # A retry's eta is set on the worker's (skewed) clock: its backoff is kept exactly.
+        retry_eta = rabbitmq_module.time.time() + 0.6
+        await broker.requeue([(got, Envelope(str(uuid.uuid4()), "q", 0, retry_eta, 0.0, b"r"))])
+        requeued = time.time()
+        (again,) = await broker.fetch(["q"], 1, 5.0)
+        assert again.body == b"r"
+        assert requeued + 0.6 <= time.time() < requeued + 1.1
+        assert again.delivery_count == 2
+        await broker.ack([again])
+        assert await broker.queue_sizes(["q"]) == {"q": 0}
+    finally:
+        await broker.delete_queues(["q"])
+        await broker.stop()
+
+
+async def test_a_message_in_the_old_format_keeps_its_eta(rabbitmq_url: str) -> None:
+    """In flight across an upgrade: an absolute eta header, no rest (read on this clock)."""
+    namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+    broker = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    await broker.start()
+    try:
+        assert await broker.fetch(["q"], 1, 0.05) == []  # declared and consuming
+        session = broker._session
+        assert session is not None
+        eta = time.time() + 0.8
+        headers = {
+            "x-qtasks-queue": "q",
+            "x-qtasks-priority": "0",
+            "x-qtasks-created-us": round(time.time() * 1e6),
+            "x-qtasks-deliveries": 0,
+            "x-qtasks-eta-us": round(eta * 1e6),
+        }
+        old = aio_pika.Message(b"old", headers=headers, message_id=str(uuid.uuid4()))
+        await session.publisher.default_exchange.publish(old, broker.queue_name("q"))
+        (got,) = await broker.fetch(["q"], 1, 5.0)
+        assert got.body == b"old"
+        assert eta <= time.time() < eta + 0.5
+        await broker.ack([got])
+    finally:
+        await broker.delete_queues(["q"])
+        await broker.stop()

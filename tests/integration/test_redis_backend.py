@@ -455,6 +455,7 @@ async def test_wait_survives_a_dropped_subscriber_connection(
 ) -> None:
     storage = await make(RedisStorage)
     task = record_for(TaskMessage(uuid=new_uuid(), name="job", created_at=time.time()))
+    await storage.add([task])  # enqueued: waiting on a missing record raises at once
     waiting = asyncio.ensure_future(storage.wait(str(task.uuid), 10.0))
     await asyncio.sleep(0.1)
     assert await kill_connections(raw, os.getpid(), pubsub_only=True) == 1
@@ -473,6 +474,7 @@ async def test_waiting_again_right_after_a_timeout_is_still_woken(
     storage = await make(RedisStorage)
     for i in range(5):
         task = record_for(TaskMessage(uuid=new_uuid(), name="job", created_at=time.time()))
+        await storage.add([task])
         assert await storage.wait(str(task.uuid), 0.01) is None
         waiting = asyncio.ensure_future(storage.wait(str(task.uuid), 5.0))
         await asyncio.sleep(0.05)
@@ -488,6 +490,7 @@ async def test_many_waiters_one_subscriber(make: Callable[..., Any], raw: Any) -
         record_for(TaskMessage(uuid=new_uuid(), name="job", created_at=time.time()))
         for _ in range(200)
     ]
+    await storage.add(tasks)
     waits = [asyncio.ensure_future(storage.wait(str(t.uuid), 5.0)) for t in tasks]
     await asyncio.sleep(0.2)
     await storage.save([_final(t, i) for i, t in enumerate(tasks)])

@@ -30,12 +30,32 @@ members, and each member only moves a committed offset forward. How qtasks maps 
   of a revoked partition that are running finish, but their acks cannot be committed
   any more and the new owner runs them again (documented duplicate). A partition that
   comes straight back keeps its bookkeeping, so nothing held here is handed out twice.
-* Delays and retries (the delay topics). A message due later goes to the delay topic
-  whose wait (4**k ms) is the longest not above the remaining delay; the consumer of that
-  topic holds it until its wait is over (pausing the partition meanwhile: the topic is
-  in wait order), then sends it on to the next bucket or, once due, to its band topic,
-  and commits. `requeue` (a retry) produces the next attempt, awaits the broker's ack,
-  then finishes the old offset.
+* Delays and retries (the delay topics), with no worker's wall clock. A message due
+  later goes to the delay topic whose wait (4**k ms) is the longest not above the
+  remaining delay (see `qtasks.brokers._delays`). The producer turns the eta into that
+  remaining delay once, on its own clock, and the record carries what is left after the
+  topic's wait (`qtasks-rest-us`). The member that owns the topic's partition holds the
+  record for the topic's wait measured on ITS MONOTONIC CLOCK from when the record
+  arrived (never before: the record was produced before it arrived), then sends it on to
+  the next delay topic with the rest counted down, or to its band topic once nothing is
+  left, and commits. Record timestamps are not used: CreateTime is the producing
+  worker's wall clock, and LogAppendTime (the broker's) needs a topic setting that some
+  servers ignore (tansu does) plus an estimate of the broker's current time, which a
+  consumer is never told. So a skewed worker clock changes nothing; what is not counted
+  (a hop's produce and fetch, a few ms plus the fetch wait on servers that answer only
+  when it is over; a record waiting unread because its member is busy, paused at 5000
+  held records, or joining the group) makes a delay late, never early: well under a
+  second in all when members keep up. A rebalance or a clean stop first sends every
+  record held here on with what is left of its wait as measured here, so the next owner
+  does not start the wait over. A crash cannot: the next owner reads the dead member's
+  held records again and starts their waits over, so they are late by what they had
+  waited there; to bound that, a record of a topic whose wait is over 5 minutes is sent
+  on after a quarter of the wait with what is left (a crash costs at most that quarter).
+  The absolute eta is still written (`qtasks-eta-us`) for tools and for workers of older
+  versions during a rolling upgrade; a delay-topic record from an older producer (eta
+  only) is read on this member's clock once and sent on to the bucket for what is left.
+  `requeue` (a retry) produces the next attempt, awaits the broker's ack, then finishes
+  the old offset.
 * What Kafka cannot do, and what this broker does instead: there is no per-message
   ack (offset tracking above); no give-back of one message to another consumer, so
   `release` keeps the message uncommitted and hands it out again from here (after `stop`
@@ -70,6 +90,7 @@ import contextlib
 import dataclasses
 import heapq
 import logging
+import math
 import os
 import re
 import secrets
@@ -90,7 +111,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-
 from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
 
 from qtasks._aio import wait_event
-from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
+from qtasks.brokers._delays import BUCKET_LEVELS, bucket_wait_ms, next_hop
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerError, ConfigurationError
 from qtasks.interfaces import Broker, Delivery, QueueStats
@@ -110,7 +131,8 @@ DEFAULT_BAND_WEIGHTS = (4, 2, 1)
 _H_QUEUE = "qtasks-queue"
 _H_PRIORITY = "qtasks-priority"
 _H_CREATED = "qtasks-created-us"
-_H_ETA = "qtasks-eta-us"
+_H_ETA = "qtasks-eta-us"  # the producer's eta: for older workers and tools, not read
+_H_REST = "qtasks-rest-us"  # what is left to wait once this delay topic's wait is over
 _H_DELIVERIES = "qtasks-deliveries"
 _H_UUID = "qtasks-uuid"
 _H_REASON = "qtasks-reason"
@@ -122,6 +144,12 @@ _POLL_MS = 500
 _SETTLE_QUIET_SECONDS = 0.01
 _ASSIGNMENT_WAIT_SECONDS = 60.0
 _DEAD_SCAN_SECONDS = 30.0
+_MAX_HELD_DELAYED = 5000
+"""Records of one delay partition held here at most; beyond it the partition is paused
+(memory), and what waits unread in it meanwhile is that much later."""
+_CHECKPOINT_MIN_WAIT_SECONDS = 300.0
+"""Delay topics with a longer wait send a held record on after a quarter of it (with what
+is left), so a crash costs at most that quarter of the wait, not all of it."""
 
 
 def _us(seconds: float) -> bytes:
@@ -136,6 +164,29 @@ def _int_header(headers: dict[str, bytes], name: str) -> int | None:
         return int(raw)
     except ValueError:
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outgoing:
+    """One record to produce to a band or delay topic (an envelope or a delayed hop)."""
+
+    queue: str
+    priority: int
+    created_at: float
+    eta: float | None
+    """The eta as the producer set it (written in a header, never compared with a clock)."""
+    wait_us: int | None
+    """Microseconds left to wait from now (None: no delay); `_send_one` picks the topic."""
+    body: bytes
+    deliveries: int
+    uuid: str
+
+    @classmethod
+    def of(cls, envelope: Envelope, deliveries: int, now: float) -> _Outgoing:
+        """An envelope to produce; its eta becomes a remaining delay on this clock, once."""
+        e = envelope
+        wait = None if e.eta is None else round((e.eta - now) * 1_000_000)
+        return cls(e.queue, e.priority, e.created_at, e.eta, wait, e.body, deliveries, e.uuid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +261,13 @@ class _Held:
     part: _Partition
     offset: int
     due: float
+    """On this process's monotonic clock: received + the topic's bucket wait."""
+    rest_us: int
+    """What is left to wait after that (0: due then)."""
+    checkpoint: float
+    """On the monotonic clock: when to send it on with what is left though not due yet
+    (a long wait measured here is lost if this process dies); `due` for short waits."""
     queue: str
-    eta: float
     value: bytes
     headers: dict[str, bytes]
 
@@ -392,6 +448,8 @@ class KafkaBroker(Broker):
             enable_idempotence=False,
             linger_ms=1,
             client_id=f"qtasks-{self.consumer_id}",
+            # aiokafka's own 1 MiB cap would refuse what max_payload_bytes allows
+            max_request_size=_request_size(self.config.max_payload_bytes),
         )
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
         try:
@@ -498,56 +556,48 @@ class KafkaBroker(Broker):
         """Produce every message, then await the broker's acks together."""
         if not envelopes:
             return
-        errors = await self._produce(
-            [(e.queue, e.priority, e.created_at, e.eta, e.body, 0, e.uuid) for e in envelopes]
-        )
+        now = time.time()
+        errors = await self._produce([_Outgoing.of(e, 0, now) for e in envelopes])
         failed = [e for e in errors if e is not None]
         if failed:
             raise BrokerError(
                 f"Kafka did not take {len(failed)} of {len(envelopes)} messages: {failed[0]!r}"
             ) from failed[0]
 
-    async def _produce(
-        self, items: Sequence[tuple[str, int, float, float | None, bytes, int, str]]
-    ) -> list[BaseException | None]:
-        """Send (queue, priority, created, eta, body, deliveries, uuid) items; errors per item."""
+    async def _produce(self, items: Sequence[_Outgoing]) -> list[BaseException | None]:
+        """Send items to their band or delay topics; errors per item."""
         producer = self._require(self._producer)
-        await self._ensure_topics(item[0] for item in items)
-        now = time.time()
+        await self._ensure_topics(item.queue for item in items)
         futures: list[Any] = []
         # One caller at a time hands messages to the producer: when a batch is full,
         # aiokafka's send waits for it, and thousands of concurrent add_task calls all
         # waiting on the same batch wake together over and over.
         async with self._send_lock:
             for item in items:
-                futures.append(await self._send_one(producer, item, now))
+                futures.append(await self._send_one(producer, item))
         results = await asyncio.gather(*futures, return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in results]
 
-    async def _send_one(
-        self,
-        producer: Any,
-        item: tuple[str, int, float, float | None, bytes, int, str],
-        now: float,
-    ) -> Any:
+    async def _send_one(self, producer: Any, item: _Outgoing) -> Any:
         """Queue one record in the producer; a future of the broker's answer."""
-        queue, priority, created, eta, body, deliveries, uuid = item
-        level = None if eta is None else bucket_for(eta - now)
+        level, rest = (None, 0) if item.wait_us is None else next_hop(item.wait_us)
         if level is None:
-            topic = self.band_topic(queue, self.band_of(priority))
+            topic = self.band_topic(item.queue, self.band_of(item.priority))
         else:
-            topic = self.delay_topic(queue, level)
+            topic = self.delay_topic(item.queue, level)
         headers = [
-            (_H_QUEUE, queue.encode()),
-            (_H_PRIORITY, str(priority).encode()),
-            (_H_CREATED, _us(created)),
-            (_H_DELIVERIES, str(deliveries).encode()),
-            (_H_UUID, uuid.encode()),
+            (_H_QUEUE, item.queue.encode()),
+            (_H_PRIORITY, str(item.priority).encode()),
+            (_H_CREATED, _us(item.created_at)),
+            (_H_DELIVERIES, str(item.deliveries).encode()),
+            (_H_UUID, item.uuid.encode()),
         ]
-        if eta is not None:
-            headers.append((_H_ETA, _us(eta)))
+        if item.eta is not None:
+            headers.append((_H_ETA, _us(item.eta)))
+        if level is not None:
+            headers.append((_H_REST, str(rest).encode()))
         try:
-            return await producer.send(topic, value=body, headers=headers)
+            return await producer.send(topic, value=item.body, headers=headers)
         except KafkaError as exc:
             return _failed(exc)
 
@@ -617,6 +667,9 @@ class KafkaBroker(Broker):
             await asyncio.gather(poller, return_exceptions=True)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
+            held = [h for queue in self._held.values() for h in queue]
+            self._held.clear()
+            await self._send_on(held, time.monotonic())  # what is left of their waits
             await self._commit(list(self._owned.values()), consumer)
         for part in self._owned.values():
             part.lost = True
@@ -632,6 +685,12 @@ class KafkaBroker(Broker):
     async def _on_revoked(self, revoked: list[Any]) -> None:
         """Commit what is safe, then give back what was held here but not handed out."""
         parts = [self._owned.pop(tp) for tp in revoked if tp in self._owned]
+        # Delayed records held here go on with what is left of their waits, measured
+        # here: the next owner would otherwise start each wait over.
+        for held in await self._send_on(
+            [h for p in parts for h in self._held.pop(p.tp, ())], time.monotonic()
+        ):
+            held.part.drop(held.offset)  # not taken: the next owner reads it again (later)
         await self._commit(parts)
         gone = {id(p) for p in parts}
         for band in self._buffers:
@@ -642,8 +701,6 @@ class KafkaBroker(Broker):
             band.clear()
             band.extend(keep)
         for part in parts:
-            for held in self._held.pop(part.tp, ()):
-                part.drop(held.offset)
             part.next_offset = None  # Kafka reads again from the committed offset
             self._paused.discard(part.tp)
             self._limbo[part.tp] = part
@@ -702,14 +759,27 @@ class KafkaBroker(Broker):
     def _take_in(self, part: _Partition, topic: _Topic, record: Any) -> int:
         headers = {k: bytes(v) for k, v in (record.headers or ())}
         if topic.delay_level is not None:
-            eta = _int_header(headers, _H_ETA)
-            due = record.timestamp / 1000 + bucket_wait_ms(topic.delay_level) / 1000
+            # The wait is measured from now on this process's monotonic clock: the record
+            # was produced before it arrived, so its wait can only end late, never early.
+            received = time.monotonic()
+            rest = _int_header(headers, _H_REST)
+            wait = bucket_wait_ms(topic.delay_level) / 1000
+            checkpoint = received + (wait / 4 if wait > _CHECKPOINT_MIN_WAIT_SECONDS else wait)
+            if rest is not None:
+                due = received + wait
+            else:
+                # From an older version (an absolute eta only): read it on this clock,
+                # once, and send it on at once to the bucket for what is left.
+                eta = _int_header(headers, _H_ETA)
+                due = checkpoint = received
+                rest = 0 if eta is None else eta - round(time.time() * 1_000_000)
             held = _Held(
                 part,
                 record.offset,
                 due,
+                max(rest, 0),
+                checkpoint,
                 topic.queue,
-                eta / 1_000_000 if eta is not None else 0.0,
                 bytes(record.value or b""),
                 headers,
             )
@@ -732,24 +802,27 @@ class KafkaBroker(Broker):
 
     def _poll_timeout_ms(self) -> int:
         timeout = _POLL_MS
-        now = time.time()
+        now = time.monotonic()
         for queue in self._held.values():
             if queue:
-                timeout = min(timeout, max(0, int((queue[0].due - now) * 1000) + 1))
+                timeout = min(timeout, max(0, int((queue[0].checkpoint - now) * 1000) + 1))
         return timeout
 
     def _apply_backpressure(self, consumer: Any) -> None:
-        """Pause band partitions whose band holds enough, and delay partitions not due."""
+        """Pause band partitions whose band holds enough, and delay partitions holding many."""
         assignment = set(consumer.assignment())
         pause: set[Any] = set()
+        full = _MAX_HELD_DELAYED
         for tp in assignment:
             topic = self._topics.get(tp.topic)
             if topic is None:
                 continue
             if topic.band is not None and len(self._buffers[topic.band]) >= self._want:
                 pause.add(tp)
-            elif topic.delay_level is not None and self._held.get(tp):
-                pause.add(tp)  # the head is not due yet, and nothing behind it is due sooner
+            elif topic.delay_level is not None and len(self._held.get(tp, ())) >= full:
+                # Paused only when enough is held (memory): a record's wait starts when
+                # it arrives here, so one left unread would only be later.
+                pause.add(tp)
         if pause != self._paused:
             if self._paused - pause:
                 consumer.resume(*(self._paused - pause))
@@ -758,40 +831,59 @@ class KafkaBroker(Broker):
             self._paused = pause
 
     async def _forward_due(self) -> None:
-        """Send delayed messages whose bucket wait is over on to their next hop."""
-        now = time.time()
+        """Send delayed messages whose bucket wait is over on to their next hop (and those
+        at their checkpoint on to the bucket for what is left)."""
+        now = time.monotonic()
         due: list[_Held] = []
         for queue in self._held.values():
-            while queue and queue[0].due <= now:
+            # Received in order with one wait per topic: due and checkpoint times are too.
+            while queue and queue[0].checkpoint <= now:
                 due.append(queue.popleft())
         if not due:
             return
+        failed = await self._send_on(due, now)
+        for held in reversed(failed):
+            # Keep it at the head: the next poll tries again.
+            self._held.setdefault(held.part.tp, collections.deque()).appendleft(held)
+        await self._commit(list({id(h.part): h.part for h in due if h not in failed}.values()))
+
+    async def _send_on(self, helds: Sequence[_Held], now: float) -> list[_Held]:
+        """Produce held delay records on with what they still have to wait (the rest of
+        their bucket's wait on this monotonic clock, plus their rest) and finish their
+        offsets (no commit); the ones Kafka did not take."""
+        if not helds:
+            return []
         items = []
-        for held in due:
+        for held in helds:
             h = held.headers
             created = _int_header(h, _H_CREATED)
+            eta = _int_header(h, _H_ETA)
+            # Rounded up: never a microsecond short of the wait measured here.
+            left = held.rest_us + max(0, math.ceil((held.due - now) * 1_000_000))
             items.append(
-                (
+                _Outgoing(
                     held.queue,
                     _int_header(h, _H_PRIORITY) or 0,
-                    created / 1_000_000 if created is not None else now,
-                    held.eta,
+                    created / 1_000_000 if created is not None else time.time(),
+                    eta / 1_000_000 if eta is not None else None,
+                    left,
                     held.value,
                     _int_header(h, _H_DELIVERIES) or 0,
                     h.get(_H_UUID, b"").decode(errors="replace"),
                 )
             )
-        errors = await self._produce(items)
-        parts: dict[int, _Partition] = {}
-        for held, error in zip(due, errors, strict=True):
+        try:
+            errors: list[BaseException | None] = await self._produce(items)
+        except (BrokerError, KafkaError) as exc:  # no producer, or a topic not created
+            errors = [exc] * len(items)
+        failed: list[_Held] = []
+        for held, error in zip(helds, errors, strict=True):
             if error is None:
                 held.part.finish(held.offset)
-                parts[id(held.part)] = held.part
             else:
-                # Keep it at the head: the next poll tries again.
                 log.warning("moving a delayed Kafka message on failed: %r", error)
-                self._held.setdefault(held.part.tp, collections.deque()).appendleft(held)
-        await self._commit(list(parts.values()))
+                failed.append(held)
+        return failed
 
     async def fetch(self, queues: Sequence[str], max_count: int, timeout: float) -> list[Delivery]:
         """Hand out up to max_count held messages, waiting for the poller up to timeout."""
@@ -961,12 +1053,8 @@ class KafkaBroker(Broker):
                 r.settled = True  # the partition moved: its new owner runs the old attempt
         if not live:
             return
-        errors = await self._produce(
-            [
-                (e.queue, e.priority, e.created_at, e.eta, e.body, d.delivery_count, e.uuid)
-                for d, e in live
-            ]
-        )
+        now = time.time()
+        errors = await self._produce([_Outgoing.of(e, d.delivery_count, now) for d, e in live])
         confirmed = [d for (d, _), err in zip(live, errors, strict=True) if err is None]
         await self.ack(confirmed)
         failed = [err for err in errors if err is not None]
@@ -1261,3 +1349,11 @@ def _failed(exc: BaseException) -> asyncio.Future[None]:
     future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     future.set_exception(exc)
     return future
+
+
+def _request_size(max_payload_bytes: int | None) -> int:
+    """The producer's max_request_size: room for a message of max_payload_bytes and its
+    headers (None, no limit: 1 GiB, about what a broker's message.max.bytes can be)."""
+    if max_payload_bytes is None:
+        return 1 << 30
+    return max(max_payload_bytes + 64 * 1024, 1024 * 1024)

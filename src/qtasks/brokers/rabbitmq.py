@@ -22,12 +22,25 @@ How qtasks maps onto RabbitMQ (3.8 or newer, no plugins):
   Deliveries are handed out lowest priority then oldest first; across several queues
   that order holds for what has arrived (right after a consumer starts, `fetch` lets
   the first burst arrive before choosing).
-* Delays, without plugins. A message due later waits in one of its queue's delay buckets
-  `<namespace>.<queue>.delay.<k>`: durable queues with `x-message-ttl` = 4**k ms that
-  dead-letter into the work queue (see `qtasks.brokers._delays`). A message that arrives
-  before its eta is sent on to the next bucket by the consumer (publish, confirm, ack)
-  and never handed to the worker early; so delays need a consumer of the queue to make
-  progress, like everything else.
+* Delays, without plugins, on the server's clock. A message due later waits in one of
+  its queue's delay buckets `<namespace>.<queue>.delay.<k>`: durable queues with
+  `x-message-ttl` = 4**k ms that dead-letter into the work queue (see
+  `qtasks.brokers._delays`). With one TTL per queue, RabbitMQ expires a bucket's
+  messages in FIFO order, none before its TTL, on the server's clock. The producer turns
+  the eta into a remaining delay once, on its own clock, and the message carries what is
+  left once out of its bucket (`x-qtasks-rest-us`), so a message reaching the work queue
+  with a rest above 0 is sent on to the next bucket by the consumer (publish, confirm,
+  ack), its rest counted down by that bucket's TTL, and never handed to the worker
+  early. No worker's wall clock is read, so a skewed one changes nothing. A hop's round
+  trip (a few ms) and any wait in the work queue before a consumer takes the message
+  (a backlog, higher priorities first) add to the delay and are not counted down: a
+  delay is late by the sum over its hops (about one per power of four of it), which is
+  well under a second while consumers keep up. So delays need a consumer of the queue
+  to make progress, like everything else. The absolute eta is still written
+  (`x-qtasks-eta-us`) for tools and for workers of older versions during a rolling
+  upgrade, which compare it with their own clocks as before; a message from an older
+  producer (eta only) is converted by the first new consumer, reading the eta on its
+  clock once.
 * Retries and release. `requeue` publishes the next attempt (to the work queue or a
   bucket), awaits its confirm, then acks the old message. `release` is
   basic.nack(requeue=True): the message returns to its place at the head of the queue.
@@ -101,7 +114,7 @@ from aio_pika.exceptions import (
 )
 
 from qtasks._aio import wait_event
-from qtasks.brokers._delays import BUCKET_LEVELS, bucket_for, bucket_wait_ms
+from qtasks.brokers._delays import BUCKET_LEVELS, bucket_wait_ms, next_hop
 from qtasks.config import QueueConfig
 from qtasks.errors import BrokerError, ConfigurationError
 from qtasks.interfaces import Broker, Delivery, QueueStats
@@ -125,7 +138,8 @@ the channel of a delivery still unacked and delivers the message again."""
 _H_QUEUE = "x-qtasks-queue"
 _H_PRIORITY = "x-qtasks-priority"
 _H_CREATED = "x-qtasks-created-us"  # epoch microseconds: AMQP floats are single precision
-_H_ETA = "x-qtasks-eta-us"
+_H_ETA = "x-qtasks-eta-us"  # the producer's eta: for older workers and tools, not read
+_H_REST = "x-qtasks-rest-us"  # what is left to wait once out of the bucket (0: due then)
 _H_DELIVERIES = "x-qtasks-deliveries"
 _H_REASON = "x-qtasks-reason"
 
@@ -152,6 +166,20 @@ def _from_us(value: object) -> float | None:
     return value / 1_000_000 if isinstance(value, int) else None
 
 
+def _rest_us(headers: dict[str, Any]) -> int:
+    """Microseconds a message that just reached the work queue must still wait (0: due).
+
+    The rest header, counted down by the bucket TTLs; no clock is read. A message
+    published by an older version carries only its absolute eta: read on this clock,
+    once, it becomes a rest like any other.
+    """
+    rest = headers.get(_H_REST)
+    if isinstance(rest, int) and not isinstance(rest, bool):
+        return rest
+    eta = _from_us(headers.get(_H_ETA))
+    return 0 if eta is None else _to_us(eta - time.time())
+
+
 @dataclasses.dataclass(frozen=True)
 class _Outgoing:
     """One message to publish, whatever it came from (an envelope or a delayed hop)."""
@@ -160,9 +188,19 @@ class _Outgoing:
     priority: int
     created_at: float
     eta: float | None
+    """The eta as the producer set it (written in a header, never compared with a clock)."""
+    wait_us: int | None
+    """Microseconds left to wait from now (None: no delay); `_send` picks the bucket."""
     body: bytes
     deliveries: int
     message_id: str | None
+
+    @classmethod
+    def of(cls, envelope: Envelope, deliveries: int, now: float) -> _Outgoing:
+        """An envelope to publish; its eta becomes a remaining delay on this clock, once."""
+        e = envelope
+        wait = None if e.eta is None else _to_us(e.eta - now)
+        return cls(e.queue, e.priority, e.created_at, e.eta, wait, e.body, deliveries, e.uuid)
 
 
 class _Session:
@@ -499,10 +537,8 @@ class RabbitMQBroker(Broker):
         if not envelopes:
             return
         session = await self._live_session(self.connect_timeout_seconds)
-        items = [
-            _Outgoing(e.queue, e.priority, e.created_at, e.eta, e.body, 0, e.uuid)
-            for e in envelopes
-        ]
+        now = time.time()
+        items = [_Outgoing.of(e, 0, now) for e in envelopes]
         errors = [err for err in await self._send(session, items) if err is not None]
         if errors:
             raise BrokerError(
@@ -517,19 +553,19 @@ class RabbitMQBroker(Broker):
         if missing:
             await asyncio.gather(*(self._ensure_declared(session, q) for q in missing))
         exchange = session.publisher.default_exchange
-        now = time.time()
         publishes = []
         for item in items:
-            level = None if item.eta is None else bucket_for(item.eta - now)
+            level, rest = (None, 0) if item.wait_us is None else next_hop(item.wait_us)
             if level is None:
                 routing_key = self.queue_name(item.queue)
             else:
                 routing_key = self.bucket_name(item.queue, level)
-            publishes.append(exchange.publish(self._message(item), routing_key, mandatory=True))
+            message = self._message(item, None if item.wait_us is None else rest)
+            publishes.append(exchange.publish(message, routing_key, mandatory=True))
         results = await asyncio.gather(*publishes, return_exceptions=True)
         return [r if isinstance(r, BaseException) else None for r in results]
 
-    def _message(self, item: _Outgoing) -> aio_pika.Message:
+    def _message(self, item: _Outgoing, rest_us: int | None) -> aio_pika.Message:
         headers: dict[str, Any] = {
             _H_QUEUE: item.queue,
             _H_PRIORITY: str(item.priority),  # text: pamqp 3 cannot encode small negatives
@@ -538,6 +574,8 @@ class RabbitMQBroker(Broker):
         }
         if item.eta is not None:
             headers[_H_ETA] = _to_us(item.eta)
+        if rest_us is not None:
+            headers[_H_REST] = rest_us
         return aio_pika.Message(
             item.body,
             headers=headers,
@@ -620,9 +658,9 @@ class RabbitMQBroker(Broker):
         session.held[queue] += 1
         receipt = _Receipt(message, session, queue)
         headers = message.headers or {}
-        eta = _from_us(headers.get(_H_ETA))
-        if eta is not None and eta > time.time():
-            hop = asyncio.ensure_future(self._hop(receipt, eta))
+        rest = _rest_us(headers)
+        if rest > 0:
+            hop = asyncio.ensure_future(self._hop(receipt, rest))
             self._hops.add(hop)
             hop.add_done_callback(self._hops.discard)
             return
@@ -656,7 +694,7 @@ class RabbitMQBroker(Broker):
         self._buffer = [d for d in self._buffer if id(d) not in taken]
         return out
 
-    async def _hop(self, receipt: _Receipt, eta: float) -> None:
+    async def _hop(self, receipt: _Receipt, rest_us: int) -> None:
         """Move an early message on to the next delay bucket: publish, confirm, then ack."""
         message = receipt.message
         headers = message.headers or {}
@@ -666,7 +704,8 @@ class RabbitMQBroker(Broker):
             receipt.queue,
             self._priority_of(message),
             created if created is not None else time.time(),
-            eta,
+            _from_us(headers.get(_H_ETA)),
+            rest_us,
             message.body,
             before if isinstance(before, int) else 0,
             message.message_id,
@@ -763,10 +802,8 @@ class RabbitMQBroker(Broker):
         if not live:
             return
         session = live[0][0].receipt.session
-        outgoing = [
-            _Outgoing(e.queue, e.priority, e.created_at, e.eta, e.body, d.delivery_count, e.uuid)
-            for d, e in live
-        ]
+        now = time.time()
+        outgoing = [_Outgoing.of(e, d.delivery_count, now) for d, e in live]
         errors = await self._send(session, outgoing)
         confirmed = [d.receipt for (d, _), err in zip(live, errors, strict=True) if err is None]
         await self._settle_receipts(confirmed, requeue=None)
