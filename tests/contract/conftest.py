@@ -44,6 +44,8 @@ class Harness:
     """A released message comes back with its delivery count unchanged (RabbitMQ: +1)."""
     priority_across_queues = True
     """One fetch from several queues hands out the best priorities of all of them."""
+    removes_queued = True
+    """`purge` and `discard` work (else they raise NotImplementedError, documented)."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path

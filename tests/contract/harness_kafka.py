@@ -25,6 +25,7 @@ class KafkaHarness(Harness):
     """tansu started once per test process (skipped locally, failing under CI if absent)."""
 
     name = "kafka"
+    removes_queued = False  # a log/queue without random deletes (see the broker docs)
 
     def __init__(self, tmp_path: Path) -> None:
         super().__init__(tmp_path)

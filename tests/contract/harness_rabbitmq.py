@@ -20,6 +20,7 @@ class RabbitMQHarness(Harness):
     """RabbitMQ at QTASKS_TEST_RABBITMQ_URL (skipped locally, failing under CI if absent)."""
 
     name = "rabbitmq"
+    removes_queued = False  # a log/queue without random deletes (see the broker docs)
     exact_release_count = False  # a nack'ed message comes back flagged `redelivered`
     priority_across_queues = False  # priorities are per queue; the prefetch is shared
 
