@@ -257,3 +257,22 @@ async def test_a_step_that_is_not_json_is_refused(storage: Storage) -> None:
     with pytest.raises(EncodeError, match="cannot be stored"):
         await storage.add_steps(str(task.uuid), ["fine", object()])
     assert (await storage.steps(str(task.uuid), 0, 0.0)).values == []
+
+
+async def test_recent_lists_records_by_status_latest_first(storage: Storage) -> None:
+    tasks = [new_record(args=[i]) for i in range(6)]
+    await storage.add(tasks)
+    running = [msgspec.structs.replace(t, status=TaskStatusEnum.PROCESS) for t in tasks]
+    for t in running:
+        await storage.save([t])
+        await asyncio.sleep(0.002)  # distinct write times: "latest first" is well defined
+    for t in tasks[:4]:
+        await storage.save([finished(t, TaskStatusEnum.ERROR)])
+        await asyncio.sleep(0.002)
+    errors = await storage.recent(TaskStatusEnum.ERROR, 3)
+    assert [r.args for r in errors] == [[3], [2], [1]]
+    assert all(r.status is TaskStatusEnum.ERROR for r in errors)
+    still = await storage.recent(TaskStatusEnum.PROCESS, 10)
+    assert sorted(r.args[0] for r in still) == [4, 5], "a record leaves its old status"
+    assert await storage.recent(TaskStatusEnum.SUCCESS, 10) == []
+    assert await storage.recent(TaskStatusEnum.ERROR, 0) == []

@@ -574,3 +574,35 @@ async def test_sync_app_on_redis(namespace: str) -> None:
 
     await asyncio.to_thread(produce)
     assert not [t for t in threading.enumerate() if t.name == "qtasks-portal"]
+
+
+async def test_failures_are_listed_for_stats_and_the_dashboard(namespace: str) -> None:
+    from qtasks.stats import AsyncStats
+
+    app = QueueTasks(namespace, broker_url=REDIS_URL, config=FAST)
+
+    @app.task
+    async def boom(n: int) -> None:
+        raise ValueError(f"kaput {n}")
+
+    @app.task
+    async def fine() -> str:
+        return "ok"
+
+    async with app:
+        bad = [await boom.add_task(n) for n in range(3)]
+        good = await fine.add_task()
+        worker = Worker()
+        await worker.start(app)
+        try:
+            for record in [*bad, good]:
+                await app.wait(record.uuid, 10)
+        finally:
+            await worker.stop()
+        failures = (await AsyncStats(app).inspect().failures(10)).data
+        # They ran at once (one write): listed all, in any order among themselves.
+        assert sorted(str(r.uuid) for r in failures) == sorted(str(r.uuid) for r in bad)
+        assert all(r.error_type == "ValueError" for r in failures)
+        assert [r.returning for r in await app.storage.recent(TaskStatusEnum.SUCCESS, 5)] == ["ok"]
+        with pytest.raises(NotImplementedError, match="queued"):
+            await app.storage.recent(TaskStatusEnum.NEW, 5)

@@ -52,7 +52,7 @@ from qtasks._redis import (
 from qtasks._waiters import Waiters
 from qtasks.errors import EncodeError, StorageError, TaskNotFound
 from qtasks.interfaces import Steps, Storage
-from qtasks.message import Task
+from qtasks.message import Task, TaskStatusEnum
 from qtasks.plugins.state import add_number, encode_value
 
 if TYPE_CHECKING:
@@ -76,22 +76,44 @@ local function last_seq(key)
 end
 """
 
+RECENT_PER_STATUS = 10_000
+"""Records of each status the index keeps for `recent` (the newest ones)."""
+
 SAVE = script(
     "save",
     _LAST_SEQ
     + """
 -- KEYS[1] the first record's key (routing); ARGV[1] record key prefix, ARGV[2] channel
--- prefix, ARGV[3] PUBLISH or SPUBLISH, ARGV[4] step stream prefix, then 3 per record:
--- uuid, expiry ('' = not final, '0' = final and kept, else milliseconds to live), record
-for i = 5, #ARGV, 3 do
-  local key, ttl = ARGV[1] .. ARGV[i], ARGV[i + 1]
+-- prefix, ARGV[3] PUBLISH or SPUBLISH, ARGV[4] step stream prefix, ARGV[5] status index
+-- prefix, ARGV[6] now (ms), ARGV[7] entries kept per index, ARGV[8] index lifetime (ms,
+-- '' = none), then 4 per record: uuid, expiry ('' = not final, '0' = final and kept,
+-- else milliseconds to live), status, record.
+-- The index (one sorted set per status, uuid -> time of the write) is what `recent`
+-- lists; a record leaves its earlier status's set as it moves on.
+local moved_from = {
+  new = {'process', 'retry', 'success', 'error', 'cancel'},  -- sent again (dead letters)
+  process = {'retry'}, retry = {'process'}, success = {'process', 'retry'},
+  error = {'process', 'retry'}, cancel = {'process', 'retry'},
+}
+local touched = {}
+for i = 9, #ARGV, 4 do
+  local key, ttl, status = ARGV[1] .. ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if status ~= 'new' then  -- queued tasks are not listed (see RedisStorage.recent)
+    local index = ARGV[5] .. status
+    redis.call('ZADD', index, ARGV[6], ARGV[i])
+    touched[index] = true
+  end
+  for _, old in ipairs(moved_from[status] or {}) do
+    redis.call('ZREM', ARGV[5] .. old, ARGV[i])
+  end
+  local record = ARGV[i + 3]
   if ttl == '' or ttl == '0' then
-    redis.call('SET', key, ARGV[i + 2])
+    redis.call('SET', key, record)
   else
-    redis.call('SET', key, ARGV[i + 2], 'PX', ttl)
+    redis.call('SET', key, record, 'PX', ttl)
   end
   if ttl ~= '' then
-    redis.call(ARGV[3], ARGV[2] .. ARGV[i], ARGV[i + 2])
+    redis.call(ARGV[3], ARGV[2] .. ARGV[i], record)
     local steps = ARGV[4] .. ARGV[i]
     if redis.call('EXISTS', steps) == 1 then
       -- The end mark wakes readers blocked on the stream; it lives as long as the record.
@@ -99,6 +121,10 @@ for i = 5, #ARGV, 3 do
       if ttl == '0' then redis.call('PERSIST', steps) else redis.call('PEXPIRE', steps, ttl) end
     end
   end
+end
+for index in pairs(touched) do
+  redis.call('ZREMRANGEBYRANK', index, 0, -tonumber(ARGV[7]) - 1)
+  if ARGV[8] == '' then redis.call('PERSIST', index) else redis.call('PEXPIRE', index, ARGV[8]) end
 end
 return 1
 """,
@@ -231,7 +257,18 @@ class RedisStorage(RedisComponent, Storage):
         now = time.time()
         k = self.keys
         publish = "SPUBLISH" if self.link.cluster else "PUBLISH"
-        args: list[str | bytes] = [k.record_prefix, k.done_prefix, publish, k.steps_prefix]
+        # The index outlives the records it lists by a day, so an idle app's index goes too.
+        index_ttl = "" if ttl is None else str(int((ttl + 86_400) * 1000))
+        args: list[str | bytes] = [
+            k.record_prefix,
+            k.done_prefix,
+            publish,
+            k.steps_prefix,
+            self.index_prefix,
+            str(int(now * 1000)),
+            str(RECENT_PER_STATUS),
+            index_ttl,
+        ]
         for task, (uuid, record) in zip(tasks, self.encode_records(tasks), strict=True):
             if not task.is_final:
                 expiry = ""
@@ -239,8 +276,49 @@ class RedisStorage(RedisComponent, Storage):
                 expiry = "0"
             else:
                 expiry = str(max(1, int(((task.finished_at or now) + ttl - now) * 1000)))
-            args += (uuid, expiry, record)
+            args += (uuid, expiry, task.status.value, record)
         return SAVE.command([k.record(str(tasks[0].uuid))], args)
+
+    @property
+    def index_prefix(self) -> str:
+        """+ status: ZSET uuid -> time written, the records `recent` lists (not `new`)."""
+        return f"{self.keys.prefix}recent:"
+
+    async def recent(self, status: TaskStatusEnum, limit: int) -> list[Task]:
+        """Up to `limit` records with `status`, latest written first.
+
+        Kept by `save` for every status a worker writes (process, retry, success, error,
+        cancel), the newest RECENT_PER_STATUS of each; queued (`new`) tasks are not
+        indexed, to keep the enqueue path as it is: NotImplementedError for them.
+        """
+        if status is TaskStatusEnum.NEW:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot list queued (new) tasks; see the queue depths"
+            )
+        if limit <= 0:
+            return []
+        index = self.index_prefix + status.value
+        found: list[Task] = []
+        start = 0
+        stale: list[str] = []
+        while len(found) < limit:
+            # Over-read a little: entries of expired records are skipped (and removed).
+            page = max(limit - len(found), 10) * 2
+            uuids = await self._call("ZREVRANGE", index, start, start + page - 1)
+            if not uuids:
+                break
+            start += len(uuids)
+            names = [u.decode() if isinstance(u, bytes) else str(u) for u in uuids]
+            raws = await self._call("MGET", *[self.keys.record(u) for u in names])
+            for uuid, raw in zip(names, raws, strict=True):
+                record = None if raw is None else self._decode(raw, uuid)
+                if record is None:
+                    stale.append(uuid)
+                elif record.status is status and len(found) < limit:
+                    found.append(record)
+        if stale:
+            await self._call("ZREM", index, *stale)
+        return found
 
     async def get(self, uuid: str) -> Task | None:
         """The record, or None if unknown or expired."""

@@ -753,11 +753,14 @@ def create_app(
         filtered = bool(name or since or uuid)
         fetch = LIST_LIMIT * 10 if filtered else LIST_LIMIT
         found: list[Task] = []
-        try:
-            for s in statuses:
+        notes: list[str] = []
+        for s in statuses:
+            try:
                 found += await core_.storage.recent(s, fetch)
-        except NotImplementedError as exc:
-            return [], str(exc)
+            except NotImplementedError as exc:
+                notes.append(str(exc))  # e.g. Redis lists no queued (new) tasks
+        if len(notes) == len(statuses):
+            return [], notes[0]
         cutoff = None if since is None else time.time() - since
 
         def when(r: Task) -> float:
@@ -771,7 +774,7 @@ def create_app(
             and (not uuid or str(r.uuid).startswith(uuid.lower()))
         ]
         out.sort(key=when, reverse=True)
-        return out[:LIST_LIMIT], None
+        return out[:LIST_LIMIT], "; ".join(notes) or None
 
     def list_params(request: Request) -> tuple[str, str, str, str]:
         q = request.query_params
@@ -786,16 +789,11 @@ def create_app(
     async def list_data(request: Request) -> dict[str, Any]:
         status, name, since, uuid = list_params(request)
         records, note = await list_records(status, name, float(since) if since else None, uuid)
-        fragment = (
-            f"<p class='muted'>{escape(note)}</p>"
-            if note
-            else records_html(records)
-            + (
-                f"<p class='muted'>showing the latest {LIST_LIMIT}</p>"
-                if len(records) == LIST_LIMIT
-                else ""
-            )
-        )
+        fragment = records_html(records) if records or not note else ""
+        if records and len(records) == LIST_LIMIT:
+            fragment += f"<p class='muted'>showing the latest {LIST_LIMIT}</p>"
+        if note:
+            fragment += f"<p class='muted'>{escape(note)}</p>"
         return {"tasks": records, "note": note, "html": {"records": fragment}}
 
     async def task_list(request: Request) -> Response:
