@@ -31,7 +31,13 @@ Why it looks like this:
 * Keys are `qtasks:{<namespace>}:...`. The `{...}` hash tag puts all of one app's keys in
   one Redis Cluster slot, so every script may touch any of them. On a Cluster the link
   asks a seed node (`CLUSTER SLOTS`) which master serves that slot and talks only to it,
-  following MOVED/ASK replies and asking again after connection errors. This replaces
+  following MOVED (for good) and ASK replies and asking again after connection errors.
+  While the slot migrates, a plain command told ASK is sent once to the importing node
+  after ASKING; a script never is (it touches keys it does not declare, which that node
+  would create beside the ones still to move: the migration then fails with BUSYKEY), so
+  it waits with backoff, like any command told TRYAGAIN, until the migration ends (up to
+  CLUSTER_WAIT_SECONDS). Pub/sub follows the slot too: the old master unsubscribes its
+  channels when it gives the slot away. This replaces
   redis-py's cluster client: all of one app's commands go to one node anyway, and the
   single-node code path stays the fast one. The trade-off: one app lives on one master;
   several apps spread over the cluster.
@@ -47,6 +53,7 @@ Why it looks like this:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -55,6 +62,7 @@ import os
 import random
 import socket
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -120,6 +128,8 @@ _KEEPALIVE = {
 }
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _REDIRECT_ERRORS = (MovedError, AskError, TryAgainError, ClusterDownError)
+CLUSTER_WAIT_SECONDS = 30.0
+"""How long a command waits for a Cluster slot migration (or failover) to end."""
 
 # -- URLs and keys -----------------------------------------------------------------------
 
@@ -298,6 +308,8 @@ class RedisLink:
         self._factory: redis.asyncio.ConnectionPool | None = None
         self._idle: list[AbstractConnection] = []
         self._open: set[AbstractConnection] = set()
+        self._stale: weakref.WeakSet[AbstractConnection] = weakref.WeakSet()
+        """Connections to the node served before a redirect (in use then): never reused."""
         self._opened = False
         self._open_lock = asyncio.Lock()
         self._shared: dict[tuple[str, str], Any] = {}
@@ -399,6 +411,10 @@ class RedisLink:
         if self._closed:
             raise RedisConnectionError("the link is closed")
         conn = self._idle.pop() if self._idle else self.new_connection()
+        while conn in self._stale:  # released after the link moved to another node
+            self._open.discard(conn)
+            await _disconnect_quietly(conn)
+            conn = self._idle.pop() if self._idle else self.new_connection()
         self._open.add(conn)
         if not conn.is_connected:
             try:
@@ -460,8 +476,10 @@ class RedisLink:
     ) -> list[Any]:
         """Send commands in one round trip; their replies (ResponseErrors as values).
 
-        EVALSHA of an unloaded script is loaded and re-run. With `retry`, connection errors
-        are retried with backoff: only for operations that are safe to repeat.
+        EVALSHA of an unloaded script is loaded and re-run, and on a Cluster redirected
+        commands are followed (see `_fix_replies`): neither ran, so both are re-sent even
+        without `retry`. With `retry`, connection errors are retried with backoff: only for
+        operations that are safe to repeat.
         """
         attempts = _RETRY_DELAYS if retry else (0.0,)
         for attempt, delay in enumerate(attempts):
@@ -471,7 +489,7 @@ class RedisLink:
                 replies = await self._send(commands, read_timeout)
                 if not any(isinstance(r, ResponseError) for r in replies):
                     return replies
-                return await self._fix_replies(commands, replies, read_timeout)
+                return await self._fix_replies(commands, replies, read_timeout, retry)
             except _CONNECTION_ERRORS:
                 await self._drop_connections()
                 if self.cluster:
@@ -479,27 +497,108 @@ class RedisLink:
                         await self._discover()
                 if attempt == len(attempts) - 1:
                     raise
-            except _Redirected:
-                if attempt == len(attempts) - 1:
-                    raise RedisConnectionError("the Cluster keeps redirecting") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _fix_replies(
-        self, commands: Sequence[Sequence[Any]], replies: list[Any], read_timeout: float | None
+        self,
+        commands: Sequence[Sequence[Any]],
+        replies: list[Any],
+        read_timeout: float | None,
+        retry: bool,
     ) -> list[Any]:
-        """Reload missing scripts and re-run what failed with NOSCRIPT; follow redirects."""
-        if any(isinstance(r, _REDIRECT_ERRORS) for r in replies):
-            redirect = next(r for r in replies if isinstance(r, _REDIRECT_ERRORS))
-            await self._redirect(redirect)
-            raise _Redirected
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if not missing:
-            return replies
-        await self.load_scripts()
-        again = await self._send([commands[i] for i in missing], read_timeout)
-        for i, reply in zip(missing, again, strict=True):
-            replies[i] = reply
-        return replies
+        """Re-send the commands that did not run until they do; the replies of all.
+
+        Only the failed commands are re-sent (the others ran: not twice), in their order:
+        NOSCRIPT after loading the scripts; MOVED on the new master (the link follows it
+        for good); ASK, for a plain command, once on the importing node after ASKING. A
+        script is never sent to an importing node: it touches keys it does not declare,
+        which that node would create beside the ones still to be migrated (splitting the
+        app's data; the migration then fails with BUSYKEY). A script told ASK, and every
+        command told TRYAGAIN (some of its keys moved already) or CLUSTERDOWN, waits with
+        backoff until the slot's migration (or failover) is over, up to
+        CLUSTER_WAIT_SECONDS. So does a script that stopped at an undeclared key already
+        migrated ("non local key"), if `retry` says it is safe to run again.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLUSTER_WAIT_SECONDS
+        pause, hops, reloads = 0.01, 0, 0
+        while True:
+            todo = [i for i, r in enumerate(replies) if _not_run(r, retry)]
+            if not todo:
+                return replies
+            failed = [replies[i] for i in todo]
+            moved = next((r for r in failed if isinstance(r, MovedError)), None)
+            asked: list[int] = []
+            if moved is None and any(isinstance(r, NoScriptError) for r in failed):
+                reloads += 1
+                if reloads > 2:  # loaded, yet missing again: report it, do not spin
+                    return replies
+                await self.load_scripts()
+                continue_now = True
+            else:
+                if moved is None:
+                    asked = [
+                        i
+                        for i in todo
+                        if isinstance(replies[i], AskError) and not _is_script(commands[i])
+                    ]
+                hops += 1
+                # MOVED is followed at once (a few times: nodes can disagree for a moment);
+                # otherwise the slot is moving: wait for the migration to end.
+                continue_now = bool(asked) or (moved is not None and hops <= 3)
+            if not continue_now:
+                if loop.time() >= deadline:
+                    raise RedisConnectionError(
+                        f"slot {self.slot} of the Redis Cluster is still migrating or down "
+                        f"after {CLUSTER_WAIT_SECONDS:.0f}s: {failed[0]}"
+                    )
+                await asyncio.sleep(pause * (0.5 + random.random()))
+                pause = min(pause * 2, 0.2)
+                if moved is None and any(isinstance(r, ClusterDownError) for r in failed):
+                    with contextlib.suppress(*_CONNECTION_ERRORS, RedisError):
+                        await self._discover()  # a failover: a replica took over
+            if moved is not None:
+                await self._point_to(
+                    with_host(self.target.connect_url, moved.host, int(moved.port))
+                )
+            if asked:
+                ask = replies[asked[0]]
+                node = with_host(self.target.connect_url, ask.host, int(ask.port))
+                where = (ask.host, ask.port)
+                target = [i for i in asked if (replies[i].host, replies[i].port) == where]
+                again = await self._send_asking(node, [commands[i] for i in target], read_timeout)
+                for i, reply in zip(target, again, strict=True):
+                    replies[i] = reply
+            else:
+                again = await self._send([commands[i] for i in todo], read_timeout)
+                for i, reply in zip(todo, again, strict=True):
+                    replies[i] = reply
+
+    async def _send_asking(
+        self, node_url: str, commands: Sequence[Sequence[Any]], read_timeout: float | None
+    ) -> list[Any]:
+        """Send each command once to `node_url` after ASKING (it imports the slot): replies."""
+        factory = self._make_factory(node_url)
+        conn = _make_connection(factory)
+        try:
+            await _connect(conn)
+            packed = _pack(conn, [c for command in commands for c in (("ASKING",), command)])
+            await conn.send_packed_command(packed, check_health=False)
+            out: list[Any] = []
+            for n in range(2 * len(commands)):
+                try:
+                    if read_timeout is None:
+                        reply = await conn.read_response(disable_decoding=True)
+                    else:
+                        reply = await _read_with_timeout(conn, read_timeout)
+                except ResponseError as err:
+                    reply = err
+                if n % 2:
+                    out.append(reply)
+            return out
+        finally:
+            await _disconnect_quietly(conn)
+            await factory.aclose()
 
     async def call(self, *args: Any, retry: bool = True) -> Any:
         """One command's reply; a ResponseError reply is raised."""
@@ -581,6 +680,7 @@ class RedisLink:
             "Redis Cluster: namespace %r is served by %s", self.namespace, redact_url(node_url)
         )
         self.node_url = node_url
+        self._stale.update(self._open)  # in use now: they go back to the pool afterwards
         await self._drop_connections()
         old, self._factory = self._factory, self._make_factory(node_url)
         if old is not None:
@@ -608,8 +708,29 @@ async def _connect(conn: AbstractConnection) -> None:
     await conn.connect()  # type: ignore[no-untyped-call]
 
 
-class _Redirected(Exception):  # noqa: N818 - control flow, not an error
-    """A Cluster redirect was followed; the commands must be sent again."""
+class _SlotMoved(Exception):  # noqa: N818 - control flow, not an error
+    """The node unsubscribed a channel we still want: its slot moved to another master."""
+
+
+def _is_script(command: Sequence[Any]) -> bool:
+    name = command[0]
+    return (name.decode() if isinstance(name, bytes) else str(name)).upper() in ("EVALSHA", "EVAL")
+
+
+def _not_run(reply: Any, retry: bool) -> bool:
+    """True if the reply says its command did not run (or stopped early where `retry`)."""
+    if isinstance(reply, (NoScriptError, *_REDIRECT_ERRORS)):
+        return True
+    # A script stopped at a key migrated away, or by the cluster going down, after its
+    # writes so far: run again only if it is safe to repeat.
+    return (
+        retry
+        and isinstance(reply, ResponseError)
+        and any(m in str(reply) for m in _SCRIPT_CLUSTER_ERRORS)
+    )
+
+
+_SCRIPT_CLUSTER_ERRORS = ("access a non local key", "while the cluster is down")
 
 
 async def _read_with_timeout(conn: AbstractConnection, timeout: float) -> Any:
@@ -647,6 +768,9 @@ class Subscriber:
         self._unsub = b"SUNSUBSCRIBE" if sharded else b"UNSUBSCRIBE"
         self._sub_kind = b"ssubscribe" if sharded else b"subscribe"
         self._msg_kind = b"smessage" if sharded else b"message"
+        self._unsub_kind = b"sunsubscribe" if sharded else b"unsubscribe"
+        self._leaving: collections.Counter[bytes] = collections.Counter()
+        """Channels this side unsubscribed whose confirmation has not come yet."""
         self._handlers: dict[bytes, list[Handler]] = {}
         self._confirmed: set[bytes] = set()
         self._resync: set[bytes] = set()
@@ -699,6 +823,8 @@ class Subscriber:
     def _post(self, command: bytes, ch: bytes) -> None:
         if self._conn is None or self._closing:
             return
+        if command == self._unsub:
+            self._leaving[ch] += 1
         self._outbox.append((command, ch))
         if self._sender is None:
             self._sender = asyncio.ensure_future(self._send_outbox())
@@ -745,6 +871,7 @@ class Subscriber:
                 # (and its channel is in this list) or posts after it. Publishes before a
                 # confirmation may be missed: handlers re-read then (see _on_reply).
                 self._outbox = []
+                self._leaving.clear()
                 self._conn = conn
                 channels = list(self._handlers)
                 if not first:
@@ -761,12 +888,22 @@ class Subscriber:
             except Exception as exc:
                 if self.closing:
                     return
-                log.warning(
-                    "Redis pub/sub connection to %s lost (%s); reconnecting in %.2fs",
-                    self.link.redacted,
-                    exc,
-                    delay,
-                )
+                if isinstance(exc, (MovedError, _SlotMoved)) and self.link.cluster:
+                    # The slot (a migration or failover) moved: subscribe on its new master.
+                    log.info("Redis Cluster: pub/sub follows slot %d", self.link.slot)
+                    with contextlib.suppress(*_CONNECTION_ERRORS, RedisError):
+                        if isinstance(exc, MovedError):
+                            url = with_host(self.link.target.connect_url, exc.host, int(exc.port))
+                            await self.link._point_to(url)
+                        else:
+                            await self.link._discover()
+                else:
+                    log.warning(
+                        "Redis pub/sub connection to %s lost (%s); reconnecting in %.2fs",
+                        self.link.redacted,
+                        exc,
+                        delay,
+                    )
             finally:
                 self._confirmed.clear()
                 self._conn = None
@@ -786,6 +923,15 @@ class Subscriber:
         kind, ch = reply[0], reply[1]
         if kind == self._msg_kind:
             self._dispatch(ch, reply[2])
+        elif kind == self._unsub_kind:
+            if self._leaving[ch] > 0:
+                self._leaving[ch] -= 1
+                if not self._leaving[ch]:
+                    del self._leaving[ch]
+            elif ch in self._handlers:
+                # Not asked for: a Cluster node unsubscribes the channels of a slot it
+                # no longer serves (sharded pub/sub after a migration or failover).
+                raise _SlotMoved(ch)
         elif kind == self._sub_kind and ch in self._handlers:
             self._confirmed.add(ch)
             for fut in self._confirm.pop(ch, ()):

@@ -9,8 +9,9 @@ when, in which process) and the storage's records (what ended up done):
     lost = enqueued - done      (acknowledged enqueues without a final record)
     dup  = runs - done          (extra starts of a task's function)
 
-Scenarios that need the dead-letter queue (3, 9, 10, 12, 13, 19) will add their tasks to
-`tasks.py` and count dead-lettered records as done-with-reason the same way.
+The scenarios of the dead-letter queue (3, 9, 10, 12, 13, 19, in `test_poison_faults.py`)
+count dead-lettered records (status `error`) as done-with-reason the same way, and read
+the `D`/`J` ledger lines (`Ledger.decodes`) to count decode attempts.
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ class Ledger:
                     keys = ("pid", "rss_kb", "fds", "tasks", "threads", "t")
                     out.append(dict(zip(keys, map(float, w[2:]), strict=True)))
         return sorted(out, key=lambda m: m["t"])
+
+    def decodes(self, kind: str = "D") -> collections.Counter[str]:
+        """Body digests handed to the serializer (`D`) or to its JSON decoder (`J`)."""
+        out: collections.Counter[str] = collections.Counter()
+        for path in sorted(self.folder.glob("ledger-*.log")):
+            for raw in path.read_text().splitlines():
+                w = raw.split()
+                if w and w[0] == kind:
+                    out[w[1]] += 1
+        return out
 
     def starts(self) -> collections.Counter[str]:
         return collections.Counter(ln.uuid for ln in self.lines() if ln.kind == "S")

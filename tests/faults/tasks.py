@@ -10,6 +10,9 @@ line, so a SIGKILL leaves whole lines):
     F <uuid> <pid> <time>     the function raised
     P <pid> <topic> <partition> <time>   (Kafka) a fetch delivered from this partition
     M <uuid> <pid> <rss kB> <open fds> <asyncio tasks> <threads> <time>   a probe
+    D <body digest> <pid> <time>   (count_decodes) the worker was handed bytes to decode
+    J <body digest> <pid> <time>   (count_decodes) ... the JSON decoder got them (past the
+                                   size check and, with signing keys, the signature)
 
 Times are the real wall clock even when the worker's clock is skewed (scenario 15).
 """
@@ -17,15 +20,19 @@ Times are the real wall clock even when the worker's clock is skewed (scenario 1
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import signal
 import threading
 import time
 from typing import Any
 
-from qtasks import QueueConfig, QueueTasks, TaskContext
+from qtasks import Backoff, QueueConfig, QueueTasks, TaskContext
+from qtasks.message import TaskMessage
 from qtasks.plugins.base import BasePlugin
 from qtasks.plugins.triggers import BROKER_FETCH
+from qtasks.serializers import JsonSerializer, Serializer, check_size
 
 SETTINGS_ENV = "QTFAULT_SETTINGS"
 REAL_TIME = time.time
@@ -70,16 +77,56 @@ class PartitionLog(BasePlugin):
                 self.ledger.write("P", os.getpid(), tp.topic, tp.partition)
 
 
+def digest(body: bytes) -> str:
+    """What the D/J ledger lines name a message body by."""
+    return hashlib.sha1(body).hexdigest()[:16]
+
+
+class CountingJson(JsonSerializer):
+    """The JSON serializer, writing a `J` line for every body past the size check."""
+
+    def __init__(self, ledger: Ledger, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.ledger = ledger
+
+    def decode(self, body: bytes) -> TaskMessage:
+        check_size(body, self.max_payload_bytes)  # what JsonSerializer checks first
+        self.ledger.write("J", digest(body), os.getpid())
+        return super().decode(body)
+
+
+class CountingSerializer(Serializer):
+    """Wraps the app's serializer (signing included): a `D` line per decode attempt."""
+
+    def __init__(self, inner: Serializer, ledger: Ledger) -> None:
+        self.inner = inner
+        self.ledger = ledger
+        self.content_type = inner.content_type
+
+    def encode(self, message: TaskMessage) -> bytes:
+        return self.inner.encode(message)
+
+    def decode(self, body: bytes) -> TaskMessage:
+        self.ledger.write("D", digest(body), os.getpid())
+        return self.inner.decode(body)
+
+
 def build_app(settings: dict[str, Any], *, producer: bool = False) -> QueueTasks:
     """The fault app for `settings` (see the harness); `producer` for the enqueuing side."""
     config = QueueConfig(**settings.get("config", {}))
+    ledger = Ledger(settings["ledger_dir"])
+    counting = bool(settings.get("count_decodes")) and not producer
     app = QueueTasks(
         settings["name"],
         broker_url=settings["broker_url"],
         storage_url=settings.get("storage_url"),
         config=config,
+        serializer=(
+            CountingJson(ledger, max_payload_bytes=config.max_payload_bytes) if counting else None
+        ),
     )
-    ledger = Ledger(settings["ledger_dir"])
+    if counting:
+        app.core.serializer = CountingSerializer(app.core.serializer, ledger)
 
     @app.task(echo=True)
     async def noop(ctx: TaskContext, i: int) -> int:
@@ -133,6 +180,37 @@ def build_app(settings: dict[str, Any], *, producer: bool = False) -> QueueTasks
         ledger.write("M", ctx.uuid, os.getpid(), rss_kb, fds, tasks, threads)
         ledger.write("E", ctx.uuid, os.getpid())
         return {"rss_kb": rss_kb, "fds": fds, "tasks": tasks, "threads": threads}
+
+    @app.task(echo=True)
+    async def suicide(ctx: TaskContext) -> None:
+        """Kills its own worker process (scenario 3): an OOM kill or a segfault."""
+        ledger.write("S", ctx.uuid, os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    backoff = Backoff(base_seconds=float(settings.get("backoff_base", 1.0)), factor=2.0)
+
+    @app.task(echo=True, retry=3, retry_backoff=backoff)
+    async def always_fail(ctx: TaskContext, i: int) -> int:
+        """Raises every time (scenario 13): 1 run + 3 retries, then a dead letter."""
+        ledger.write("S", ctx.uuid, os.getpid())
+        ledger.write("F", ctx.uuid, os.getpid())
+        raise RuntimeError(f"always_fail {i}: attempt {ctx.attempt} fails on purpose")
+
+    @app.task(echo=True)
+    async def digest_of(ctx: TaskContext, data: str) -> list[Any]:
+        """Length and SHA-256 of a (large) argument (scenario 12)."""
+        ledger.write("S", ctx.uuid, os.getpid())
+        out = [len(data), hashlib.sha256(data.encode()).hexdigest()]
+        ledger.write("E", ctx.uuid, os.getpid())
+        return out
+
+    if producer or settings.get("knows_ghost"):
+        # Producers know `ghost`; only workers of a newer deploy do (scenario 10).
+        @app.task(echo=True)
+        async def ghost(ctx: TaskContext, i: int) -> int:
+            ledger.write("S", ctx.uuid, os.getpid())
+            ledger.write("E", ctx.uuid, os.getpid())
+            return i
 
     if producer:
         # An older deploy's signature: the producer passes one argument ...

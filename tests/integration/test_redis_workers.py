@@ -124,6 +124,8 @@ class Setup:
         self.url = url
         self.workers: list[WorkerProcess] = []
         self.apps: list[QueueTasks] = []
+        self.reapers: list[Callable[[], None]] = []
+        """Called on close before the workers are reaped (to kill their children too)."""
 
     def write_app(
         self,
@@ -164,6 +166,8 @@ class Setup:
         """Stop the apps, reap the workers (their logs are shown if the test failed)."""
         for app in self.apps:
             await app.stop()
+        for reap in self.reapers:
+            reap()
         for worker in self.workers:
             worker.close()
             # pytest shows captured output only for failed tests.
@@ -383,3 +387,127 @@ async def test_worker_resumes_after_a_redis_restart(tmp_path: Path, private_redi
         assert worker.stop() == 0, worker.log()
     finally:
         await s.close()
+
+
+# -- several worker processes under a supervisor ---------------------------------------------
+
+
+def _children(pid: int) -> set[int]:
+    """Process ids of the live children of `pid` (from /proc)."""
+    out: set[int] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                out.update(int(p) for p in text.split())
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Supervised:
+    """A `qtasks run --processes N` supervisor; its children are killed too on close."""
+
+    def __init__(self, setup: Setup, *args: str) -> None:
+        self.supervisor = setup.start_worker(*args)
+        self.seen: set[int] = set()
+        setup.reapers.append(self.close)
+
+    def children(self, n: int, timeout: float = 30.0, exclude: set[int] | None = None) -> set[int]:
+        """Wait until `n` live children (none of `exclude`) run; their pids."""
+        deadline = time.monotonic() + timeout
+        while True:
+            kids = {p for p in _children(self.supervisor.pid) if _alive(p)}
+            self.seen |= kids
+            if len(kids) == n and not kids & (exclude or set()):
+                return kids
+            if time.monotonic() > deadline or self.supervisor.proc.poll() is not None:
+                raise AssertionError(f"{n} children expected, found {kids}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.seen |= _children(self.supervisor.pid)
+        for pid in self.seen:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+async def test_processes_2_share_2000_tasks_and_stop_cleanly_on_sigterm(setup: Setup) -> None:
+    setup.write_app()
+    app = setup.producer()
+    records = await app.add_tasks([("work", (i, 0.001)) for i in range(2000)])
+    run = Supervised(setup, "--processes", "2", "--concurrency", "8")
+    kids = run.children(2)
+    finals = await wait_all(app, [r.uuid for r in records], 90)
+    assert [f.status for f in finals] == [TaskStatusEnum.SUCCESS] * 2000
+    assert [f.returning for f in finals] == list(range(2000))
+    ledger = setup.ledger()
+    starts = collections.Counter(w[1] for w in ledger if w[0] == "start")
+    ends = collections.Counter(w[1] for w in ledger if w[0] == "end")
+    uuids = {str(r.uuid) for r in records}
+    assert set(ends) == set(starts) == uuids, "none lost"
+    assert max(starts.values()) == max(ends.values()) == 1, "each ran exactly once"
+    pids = {int(w[3]) for w in ledger if w[0] == "end"}
+    assert pids == kids, "both children took tasks, the supervisor none"
+
+    # SIGTERM to the supervisor: forwarded, both children drain and exit, then it exits 0,
+    # all within the grace period (5 s in the app's config) plus start-up slack.
+    start = time.monotonic()
+    assert run.supervisor.stop(timeout=5.0 + 5.0) == 0, run.supervisor.log()
+    assert time.monotonic() - start < 5.0 + 5.0
+    assert not [p for p in kids if _alive(p)], "both children exited"
+    log = run.supervisor.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert await app.broker.queue_sizes(["default"]) == {"default": 0}
+
+
+@pytest.mark.timeout(120)
+async def test_processes_2_sigkill_of_a_child_is_restarted_and_loses_nothing(
+    setup: Setup,
+) -> None:
+    setup.write_app(heartbeat=0.2, lost=1.5, sweep=0.2)
+    app = setup.producer()
+    records = await app.add_tasks([("work", (i, 0.04)) for i in range(2000)])
+    run = Supervised(setup, "--processes", "2", "--concurrency", "8")
+    kids = run.children(2)
+    await app.wait(records[400].uuid, 60)  # mid-run
+    victim = sorted(kids)[0]
+    os.kill(victim, signal.SIGKILL)
+    # The supervisor notices the death and starts a new child in the victim's place.
+    after = run.children(2, exclude={victim})
+    assert len(after & kids) == 1, (kids, after)
+    newcomer = (after - kids).pop()
+
+    finals = await wait_all(app, [r.uuid for r in records], 90)
+    assert [f.status for f in finals] == [TaskStatusEnum.SUCCESS] * 2000, "lost 0"
+    assert [f.returning for f in finals] == list(range(2000))
+    ledger = setup.ledger()
+    ends = collections.Counter(w[1] for w in ledger if w[0] == "end")
+    assert set(ends) == {str(r.uuid) for r in records}
+    cut = {w[1] for w in ledger if w[0] == "start" and int(w[3]) == victim} - {
+        w[1] for w in ledger if w[0] == "end" and int(w[3]) == victim
+    }
+    assert cut, "the victim was killed with tasks running"
+    # The victim's cut-short tasks ran again elsewhere. Only what it held may run twice: a
+    # task it finished but had not acked yet when it was killed.
+    twice = {u for u, n in ends.items() if n > 1}
+    victim_ended = {w[1] for w in ledger if w[0] == "end" and int(w[3]) == victim}
+    assert twice <= victim_ended, twice - victim_ended
+    assert len(twice) <= 40, twice
+    for u in cut:
+        assert ends[u] == 1
+    assert {int(w[3]) for w in ledger if w[0] == "end" and int(w[3]) == newcomer}, (
+        "the restarted child took tasks"
+    )
+    assert "restarting it" in run.supervisor.log()
+    assert run.supervisor.stop(timeout=15.0) == 0, run.supervisor.log()
+    assert not [p for p in after if _alive(p)]

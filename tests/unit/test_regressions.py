@@ -185,3 +185,31 @@ async def test_a_task_delivered_more_than_max_deliveries_is_not_run_again(
         assert final.error_type == "WorkerLost"
         assert final.error_message is not None
         assert final.error_message.startswith("worker_lost")
+
+
+async def test_closing_the_writer_does_not_redo_a_requeue_under_way() -> None:
+    """Fault scenario 10 (rolling deploy) on RabbitMQ and Kafka: a SIGTERM while the
+    writer was requeueing (published, waiting for the confirm or the ack) cancelled that
+    flush, and close() wrote the requeues again: every deferred task then ran twice."""
+    import types
+
+    from qtasks.interfaces import Delivery
+    from qtasks.message import Envelope
+    from qtasks.runtime.worker import ResultWriter
+
+    published: list[int] = []
+
+    class SlowConfirms:
+        async def requeue(self, items: Any) -> None:
+            published.append(len(items))  # on the wire at once ...
+            await asyncio.sleep(0.3)  # ... then the confirm and the ack take a while
+
+    app: Any = types.SimpleNamespace(broker=SlowConfirms(), storage=None, plugins=None)
+    writer = ResultWriter(app)
+    writer.start()
+    delivery = Delivery(b"{}", None, "default", 0, time.time())
+    writer.requeue(delivery, Envelope("u", "default", 0, time.time() + 1, time.time(), b"{}"))
+    await asyncio.sleep(0.05)  # the flush is under way
+    await writer.close(give_up_after=5.0)
+    assert published == [1]
+    assert writer.unsettled == 0

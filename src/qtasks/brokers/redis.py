@@ -91,7 +91,14 @@ if TYPE_CHECKING:
 
     from qtasks.config import QueueConfig
 
-from redis.exceptions import MovedError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1208,7 +1215,31 @@ class _HeartbeatThread(HeartbeatThread):
             return run(*s.command(keys, args))
 
     def beat(self) -> None:
-        self._eval(BEAT, [self.keys.consumers], [self.consumer_id])
+        try:
+            self._eval(BEAT, [self.keys.consumers], [self.consumer_id])
+        except AskError as exc:
+            # The slot is migrating and the consumers set has moved already: beat on the
+            # importing node, or a long migration makes this live worker look lost. Safe
+            # for BEAT, which touches only the key it declares (not so the sweep).
+            self._beat_asking(with_host(self.node_url, exc.host, int(exc.port)))
+
+    def _beat_asking(self, url: str) -> None:
+        client = self.link.sync_client(self.socket_timeout, url)
+        try:
+            run: Any = client.execute_command  # untyped in redis-py
+            for _ in range(2):
+                pipe: Any = client.pipeline(transaction=False)
+                pipe.execute_command("ASKING")
+                pipe.execute_command(*BEAT.command([self.keys.consumers], [self.consumer_id]))
+                reply = pipe.execute(raise_on_error=False)[1]
+                if isinstance(reply, NoScriptError):
+                    run("SCRIPT", "LOAD", BEAT.source)
+                    continue
+                if isinstance(reply, Exception):
+                    raise reply
+                return
+        finally:
+            client.close()
 
     def sweep(self) -> None:
         k = self.keys
@@ -1223,6 +1254,10 @@ class _HeartbeatThread(HeartbeatThread):
         if isinstance(exc, MovedError):  # Cluster failover or resharding: again, on the new node
             self.node_url = with_host(self.node_url, exc.host, int(exc.port))
             return True
+        if isinstance(exc, (TryAgainError, AskError)) or "non local key" in str(exc):
+            # The app's slot is migrating: the sweep waits for the end (beats go on).
+            log.debug("Redis sweep skipped: the Cluster slot is migrating (%s)", exc)
+            return False
         log.warning("Redis heartbeat to %s failed: %r", self.link.redacted, exc)
         return False
 

@@ -21,6 +21,7 @@ scope, closed when it stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -297,11 +298,17 @@ class ResultWriter:
         if self._started_timer is not None:
             self._started_timer.cancel()
             self._started_timer = None
+        deadline = time.monotonic() + give_up_after
         if self._task is not None:
+            # Let a flush under way end first: cancelled between a requeue's publish and
+            # its ack, it would be written again below, sending the next attempt twice.
+            # (Still failing after give_up_after: the flush below gets one last try.)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), give_up_after)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self.flush(give_up_after=give_up_after)
+        await self.flush(give_up_after=max(deadline - time.monotonic(), 0.0))
 
 
 class Worker:
