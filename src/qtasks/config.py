@@ -43,7 +43,10 @@ class QueueConfig:
     max_deliveries: int | None = 5
     """A task handed out this many times without finishing (its worker died each time) is
     recorded as failed with reason worker_lost instead of running again; None: no limit.
-    Graceful stops give tasks back without counting (RabbitMQ counts them: see its broker)."""
+    Every broker counts a crash redelivery; graceful stops give tasks back without
+    counting, and each retry is a new attempt whose count starts over. A redelivered
+    task runs alone in its worker, so one that kills its worker cannot take others down
+    with it (see `qtasks.runtime.worker.ALONE_SECONDS`)."""
     dead_letter_failures: bool = True
     """Set aside tasks that failed for good (no retries left) as dead letters, beside
     undecodable, unknown and worker_lost ones; False: such failures are only recorded."""

@@ -71,6 +71,10 @@ class Envelope(msgspec.Struct, frozen=True):
     eta: float | None
     created_at: float
     body: bytes
+    deliveries: int = 0
+    """Deliveries already counted for this message: 0 for a new message and for a retry
+    (a new attempt starts its count over); a message sent back unrun (an unknown task
+    deferred during a rolling deploy) keeps its count, so `max_deliveries` still ends it."""
 
 
 class DeadLetterReason(str, enum.Enum):

@@ -40,8 +40,6 @@ class Harness:
     """Builds one backend's components; subclass it per backend."""
 
     name = "?"
-    exact_release_count = True
-    """A released message comes back with its delivery count unchanged (RabbitMQ: +1)."""
     priority_across_queues = True
     """One fetch from several queues hands out the best priorities of all of them."""
     removes_queued = True

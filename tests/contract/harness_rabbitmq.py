@@ -21,7 +21,6 @@ class RabbitMQHarness(Harness):
 
     name = "rabbitmq"
     removes_queued = False  # a log/queue without random deletes (see the broker docs)
-    exact_release_count = False  # a nack'ed message comes back flagged `redelivered`
     priority_across_queues = False  # priorities are per queue; the prefetch is shared
 
     def __init__(self, tmp_path: Path) -> None:

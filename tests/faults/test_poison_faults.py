@@ -98,23 +98,6 @@ def cli(s: Scenario, *args: str, stderr: bool = True) -> str:
 
 # -- scenario 3 ------------------------------------------------------------------------
 
-CRASH_LOOP_RABBITMQ = pytest.mark.xfail(
-    strict=True,
-    reason="bug: on RabbitMQ (classic queues keep no delivery count) a message redelivered "
-    "after its consumer died arrives with the `x-qtasks-deliveries` header it was published "
-    "with plus RabbitMQ's `redelivered` flag: count 2 however many workers it killed, so with "
-    "max_deliveries >= 2 a task that kills its worker is never dead-lettered worker_lost and "
-    "crash-loops forever, against the README's 'No crash loops' promise (a fix: republish a "
-    "redelivered message with its count before handing it out, or quorum queues)",
-)
-CRASH_LOOP_KAFKA = pytest.mark.xfail(
-    strict=True,
-    reason="bug (documented in qtasks.brokers.kafka: 'a crash redelivery is not counted'): "
-    "Kafka keeps no delivery count, so a task that kills its worker is replayed after every "
-    "rebalance with delivery_count 1 and never dead-lettered worker_lost: a crash loop, "
-    "against the README's 'No crash loops' promise",
-)
-
 
 def run_poison(make_scenario: MakeScenario, broker: str, limit: int) -> dict[str, Any]:
     """999 noops and one task that SIGKILLs its worker; workers restarted after each death."""
@@ -171,15 +154,7 @@ def run_poison(make_scenario: MakeScenario, broker: str, limit: int) -> dict[str
     }
 
 
-@pytest.mark.parametrize(
-    "broker",
-    [
-        "sqlite",
-        "redis",
-        pytest.param("rabbitmq", marks=CRASH_LOOP_RABBITMQ),
-        pytest.param("kafka", marks=CRASH_LOOP_KAFKA),
-    ],
-)
+@pytest.mark.parametrize("broker", ALL)
 def test_3_task_that_kills_its_worker(make_scenario: MakeScenario, broker: str) -> None:
     """max_deliveries lowered to 3 (from 5) to fit the time budget on every broker."""
     limit = 3
@@ -197,18 +172,11 @@ def test_3_task_that_kills_its_worker(make_scenario: MakeScenario, broker: str) 
     assert all(w.alive() for w in out["workers"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: tasks that share a worker with a task that kills it are dead-lettered "
-    "worker_lost with it. The few fetched in the same batch (here noops that even ran to "
-    "their end, their results still in the writer's group commit when the SIGKILL came) "
-    "come back together with the poison task after the sweep, are fetched together again "
-    "by the next worker, die with it again, and reach max_deliveries with it: about 5 of "
-    "999 here. The issue wants the other 999 to complete (e.g. run a redelivered task "
-    "alone, or count a delivery only once its task started)",
-)
-@pytest.mark.parametrize("broker", ["sqlite", "redis"])
+@pytest.mark.parametrize("broker", ALL)
 def test_3_innocent_companions_complete(make_scenario: MakeScenario, broker: str) -> None:
+    """Tasks fetched beside the poison task die with it once, then come back as
+    redeliveries, each run alone: none reaches max_deliveries with it. (Was a bug: the
+    same batch came back together, died together, and ~5 of 999 were dead-lettered.)"""
     out = run_poison(make_scenario, broker, 3)
     assert out["f"].statuses == {"success": 999, "error": 1}
 

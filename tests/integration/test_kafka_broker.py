@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from qtasks import ConfigurationError, QueueConfig, TaskStatusEnum
@@ -70,6 +71,20 @@ async def take_all(broker: KafkaBroker, count: int, timeout: float = 20.0) -> li
     return got
 
 
+async def crash(broker: KafkaBroker) -> None:
+    """What a killed process does to the group: it stops polling, commits nothing more,
+    writes nothing more, and its partitions go to the others (it leaves at once here,
+    so the survivor does not wait a session timeout)."""
+    poller, broker._poller = broker._poller, None
+    assert poller is not None
+    poller.cancel()
+    await asyncio.gather(poller, return_exceptions=True)
+    broker._owned.clear()
+    consumer, broker._consumer = broker._consumer, None
+    assert consumer is not None
+    await consumer.stop()
+
+
 def test_url_parameters_and_names() -> None:
     broker = KafkaBroker.from_url(
         "kafka://h1:9092,h2:9092?partitions=3&queues=a,b&session_timeout_ms=6000",
@@ -116,14 +131,7 @@ async def test_a_dead_member_redelivers_from_its_lowest_unfinished_offset(
     await first.ack([got[0], got[2], got[4]])  # m1 and m3 unfinished
     # Stop without committing more or leaving cleanly is what a crash does; the
     # contract suite covers a plain stop. Here: the member's process is gone.
-    poller = first._poller
-    assert poller is not None
-    poller.cancel()
-    await asyncio.gather(poller, return_exceptions=True)
-    first._poller = None
-    first._owned.clear()
-    await first._consumer.stop()
-    first._consumer = None
+    await crash(first)
     second = await make_broker(ns, partitions=1)
     again = await take_all(second, 4)
     # From m1 on: m1 and m3 were never finished; m2 and m4 run again (documented).
@@ -366,3 +374,75 @@ async def test_a_worker_runs_retries_and_survives_poison(tmp_path: Path) -> None
         assert await app.broker.queue_sizes(["default"]) == {"default": 0}
     finally:
         await app.stop()
+
+
+async def test_a_crash_counts_a_delivery_and_a_release_does_not(make_broker: Any) -> None:
+    """Kafka keeps no delivery count: the handed mark a member persists before handing a
+    record out lets the next owner count the crash replay (issue 7: no crash loops)."""
+    ns = namespace()
+    first = await make_broker(ns, partitions=1)
+    await first.publish([env("poison"), env("kept")])
+    got = sorted(await take_all(first, 2), key=lambda d: d.receipt.offset)
+    assert [(d.body, d.delivery_count) for d in got] == [(b"poison", 1), (b"kept", 1)]
+    await first.release(got[1:])  # given back unrun: not a delivery
+    (again,) = await take_all(first, 1)
+    assert (again.body, again.delivery_count) == (b"kept", 1)
+    await first.release([again])
+    # The release is persisted with the partition's next mark: handing out an older one.
+    await first.publish([msgspec.structs.replace(env("older"), created_at=1.0)])
+    deadline = time.monotonic() + 10
+    while sum(map(len, first._buffers)) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # arrived, so it is chosen before "kept"
+    (older,) = await take_all(first, 1)
+    assert older.body == b"older"
+    await first.ack([older])
+    await crash(first)  # "poison" was running: its worker died with it
+    second = await make_broker(ns, partitions=1)
+    got = {d.body: d for d in await take_all(second, 3)}
+    # "older" finished above the unfinished "poison": replayed, so counted (documented).
+    counts = {body: d.delivery_count for body, d in got.items()}
+    assert counts == {b"poison": 2, b"kept": 1, b"older": 2}
+    await second.release([got[b"kept"]])
+    (kept,) = await take_all(second, 1)
+    assert kept.delivery_count == 1
+    await second.ack([kept, got[b"older"]])
+    await crash(second)  # and the next worker died of "poison" too
+    third = await make_broker(ns, partitions=1)
+    got = {d.body: d for d in await take_all(third, 3)}
+    assert got[b"poison"].delivery_count == 3
+    # A release then a clean stop: the next owner does not count the release either.
+    await third.release([got[b"poison"]])
+    await third.ack([got[b"kept"], got[b"older"]])
+    await third.stop()
+    fourth = await make_broker(ns, partitions=1)
+    got = {d.body: d for d in await take_all(fourth, 3)}
+    assert got[b"poison"].delivery_count == 3
+    await fourth.ack(list(got.values()))
+    assert await fourth.queue_sizes(["q"]) == {"q": 0}
+
+
+async def test_requeue_starts_from_the_envelopes_deliveries(make_broker: Any) -> None:
+    """A retry starts its count over (deliveries=0); a message sent back unrun keeps it."""
+    broker = await make_broker(namespace(), partitions=1)
+    await broker.publish([env("a"), env("b")])
+    got = sorted(await take_all(broker, 2), key=lambda d: d.receipt.offset)
+    retry = msgspec.structs.replace(env("retry"), deliveries=0)
+    deferred = msgspec.structs.replace(env("deferred"), deliveries=3)
+    await broker.requeue([(got[0], retry), (got[1], deferred)])
+    again = {d.body: d.delivery_count for d in await take_all(broker, 2)}
+    assert again == {b"retry": 1, b"deferred": 4}
+
+
+async def test_a_replay_counts_from_the_requeued_count(make_broker: Any) -> None:
+    """The header's count and the handed mark add up: deferred with 3, crash, then 5."""
+    ns = namespace()
+    first = await make_broker(ns, partitions=1)
+    await first.publish([env("x")])
+    (x,) = await take_all(first, 1)
+    await first.requeue([(x, msgspec.structs.replace(env("deferred"), deliveries=3))])
+    (deferred,) = await take_all(first, 1)
+    assert deferred.delivery_count == 4
+    await crash(first)
+    second = await make_broker(ns, partitions=1)
+    (replay,) = await take_all(second, 1)
+    assert (replay.body, replay.delivery_count) == (b"deferred", 5)

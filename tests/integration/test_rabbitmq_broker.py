@@ -297,6 +297,12 @@ async def test_a_lost_connection_loses_nothing(make_app: MakeApp) -> None:
             final = await app.wait(record.uuid, timeout=30)
             assert final.status == TaskStatusEnum.SUCCESS
             assert final.returning == i
+        # The redelivered ones were published again (to count the lost delivery), so
+        # they run again from the back of the queue, after their results were stored.
+        deadline = time.monotonic() + 10
+        while await app.broker.queue_sizes(["default"]) != {"default": 0}:
+            assert time.monotonic() < deadline, "redeliveries left in the queue"
+            await asyncio.sleep(0.05)
     finally:
         await worker.stop(grace_seconds=5)
     assert set(runs) == set(range(60)), "nothing lost"
@@ -305,27 +311,136 @@ async def test_a_lost_connection_loses_nothing(make_app: MakeApp) -> None:
     assert await app.broker.queue_sizes(["default"]) == {"default": 0}
 
 
-async def test_a_redelivered_message_counts_its_earlier_delivery(rabbitmq_url: str) -> None:
+def envelope(body: bytes, *, eta: float | None = None, deliveries: int = 0) -> Envelope:
+    return Envelope(str(uuid.uuid4()), "q", 0, eta, time.time(), body, deliveries=deliveries)
+
+
+async def test_each_lost_consumer_counts_one_delivery(
+    rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message whose consumer dies with it (a worker killed by its task) comes back
+    counted once more each time, so `max_deliveries` ends a crash loop; the count is
+    stored in the message, so a fresh consumer sees it too."""
     namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
-    first = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
-    second = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
-    await first.start()
-    await second.start()
+
+    def new() -> RabbitMQBroker:
+        return RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+
+    brokers = [new() for _ in range(4)]
+    for broker in brokers:
+        await broker.start()
+    first, second, third, fresh = brokers
     try:
-        await first.publish([Envelope(str(uuid.uuid4()), "q", 0, None, time.time(), b"x")])
-        (taken,) = await first.fetch(["q"], 1, 5.0)
-        assert taken.delivery_count == 1
+        # One of them was delayed: its copies must stay due on a consumer whose clock
+        # is behind (the eta is never read again once the message was due).
+        await first.publish([envelope(b"x"), envelope(b"later", eta=time.time() + 0.05)])
+        taken = await first.fetch(["q"], 2, 5.0)
+        while len(taken) < 2:
+            taken += await first.fetch(["q"], 2, 5.0)
+        assert {d.body: d.delivery_count for d in taken} == {b"x": 1, b"later": 1}
         drop_connection(first)
-        (again,) = await second.fetch(["q"], 1, 5.0)
-        assert again.body == b"x"
-        assert again.delivery_count == 2
-        await first.ack([taken])  # stale: skipped, never sent on a new channel
-        await second.ack([again])
-        assert await second.fetch(["q"], 1, 0.2) == []
+        monkeypatch.setattr(rabbitmq_module, "time", skewed_time(-30.0))
+        again = await second.fetch(["q"], 2, 5.0)
+        while len(again) < 2:
+            again += await second.fetch(["q"], 2, 5.0)
+        assert {d.body: d.delivery_count for d in again} == {b"x": 2, b"later": 2}
+        await first.ack(taken)  # stale: skipped, never sent on a new channel
+        drop_connection(second)
+        thrice = await third.fetch(["q"], 2, 5.0)
+        while len(thrice) < 2:
+            thrice += await third.fetch(["q"], 2, 5.0)
+        assert {d.body: d.delivery_count for d in thrice} == {b"x": 3, b"later": 3}
+        await third.stop()  # handed out, neither settled nor released: counts, like a crash
+        last = await fresh.fetch(["q"], 2, 5.0)
+        while len(last) < 2:
+            last += await fresh.fetch(["q"], 2, 5.0)
+        assert {d.body: d.delivery_count for d in last} == {b"x": 4, b"later": 4}
+        await fresh.ack(last)
+        assert await fresh.fetch(["q"], 2, 0.2) == []
+        assert await fresh.queue_sizes(["q"]) == {"q": 0}
     finally:
-        await second.delete_queues(["q"])
-        await first.stop()
-        await second.stop()
+        await fresh.delete_queues(["q"])
+        for broker in brokers:
+            await broker.stop()
+
+
+async def test_a_release_does_not_count(rabbitmq_url: str) -> None:
+    namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+    mine, peer, fresh = (
+        RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+        for _ in range(3)
+    )
+    await mine.start()
+    await peer.start()
+    try:
+        await mine.publish([envelope(b"r")])
+        (got,) = await mine.fetch(["q"], 1, 5.0)
+        assert got.delivery_count == 1
+        await mine.release([got])
+        (back,) = await peer.fetch(["q"], 1, 5.0)
+        assert (back.body, back.delivery_count) == (b"r", 1)
+        drop_connection(peer)  # a crash counts: 2 from here
+        (lost,) = await mine.fetch(["q"], 1, 5.0)
+        assert lost.delivery_count == 2
+        await mine.release([lost])
+        await fresh.start()
+        (kept,) = await fresh.fetch(["q"], 1, 5.0)
+        assert (kept.body, kept.delivery_count) == (b"r", 2)
+        await fresh.ack([kept])
+        assert await fresh.fetch(["q"], 1, 0.2) == []
+        assert await fresh.queue_sizes(["q"]) == {"q": 0}
+    finally:
+        await mine.delete_queues(["q"])
+        for broker in (mine, peer, fresh):
+            await broker.stop()
+
+
+async def test_a_stop_gives_back_what_arrived_without_counting(rabbitmq_url: str) -> None:
+    """Deliveries pushed beyond what fetch took (prefetch room) go back uncounted."""
+    namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+    mine = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    peer = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    await mine.start()
+    await peer.start()
+    try:
+        assert await mine.fetch(["q"], 10, 0.05) == []  # consuming, with room for 10
+        await peer.publish([envelope(b"a"), envelope(b"b"), envelope(b"c")])
+        (one,) = await mine.fetch(["q"], 1, 5.0)
+        await asyncio.sleep(0.1)
+        assert len(mine._buffer) == 2, "the other two arrived and wait in the buffer"
+        await mine.ack([one])
+        await mine.stop()
+        rest = await peer.fetch(["q"], 10, 5.0)
+        while len(rest) < 2:
+            rest += await peer.fetch(["q"], 10, 5.0)
+        assert sorted(d.body for d in rest) == sorted({b"a", b"b", b"c"} - {one.body})
+        assert [d.delivery_count for d in rest] == [1, 1]
+        await peer.ack(rest)
+    finally:
+        await peer.delete_queues(["q"])
+        await mine.stop()
+        await peer.stop()
+
+
+async def test_a_requeue_counts_from_the_envelope(rabbitmq_url: str) -> None:
+    """A retry starts over (deliveries=0); a deferral keeps the count it carries."""
+    namespace = f"qtasks-it-{uuid.uuid4().hex[:10]}"
+    broker = RabbitMQBroker.from_url(rabbitmq_url, namespace=namespace, config=QueueConfig())
+    await broker.start()
+    try:
+        await broker.publish([envelope(b"try1")])
+        (first,) = await broker.fetch(["q"], 1, 5.0)
+        await broker.requeue([(first, envelope(b"try2", deliveries=0))])
+        (second,) = await broker.fetch(["q"], 1, 5.0)
+        assert (second.body, second.delivery_count) == (b"try2", 1)
+        await broker.requeue([(second, envelope(b"deferred", deliveries=3))])
+        (third,) = await broker.fetch(["q"], 1, 5.0)
+        assert (third.body, third.delivery_count) == (b"deferred", 4)
+        await broker.ack([third])
+        assert await broker.queue_sizes(["q"]) == {"q": 0}
+    finally:
+        await broker.delete_queues(["q"])
+        await broker.stop()
 
 
 async def test_another_max_priority_is_a_clear_error(rabbitmq_url: str) -> None:
@@ -404,7 +519,7 @@ async def test_delays_do_not_depend_on_the_consumers_clock(
         (again,) = await broker.fetch(["q"], 1, 5.0)
         assert again.body == b"r"
         assert requeued + 0.6 <= time.time() < requeued + 1.1
-        assert again.delivery_count == 2
+        assert again.delivery_count == 1, "a retry starts its count over"
         await broker.ack([again])
         assert await broker.queue_sizes(["q"]) == {"q": 0}
     finally:

@@ -213,3 +213,34 @@ async def test_closing_the_writer_does_not_redo_a_requeue_under_way() -> None:
     await writer.close(give_up_after=5.0)
     assert published == [1]
     assert writer.unsettled == 0
+
+
+async def test_a_stray_cancelled_error_from_a_broker_call_does_not_end_the_writer(
+    make_app: Callable[..., QueueTasks], run_until_idle: RunUntilIdle
+) -> None:
+    """aio-pika let the CancelledError of an ack whose connection died escape: it ended
+    the worker's result writer for good, and the worker waited for room forever."""
+
+    class StrayCancel(MemoryBroker):
+        cancelled = 0
+
+        async def ack(self, deliveries: Any) -> None:
+            if not self.cancelled:
+                self.cancelled += 1
+                raise asyncio.CancelledError  # not a cancellation of the caller
+            await super().ack(deliveries)
+
+    broker = StrayCancel()
+    app = make_app(broker=broker)
+
+    @app.task
+    def one(i: int) -> int:
+        return i
+
+    records = [await one.add_task(i) for i in range(20)]
+    await run_until_idle(app, timeout=10)
+    assert broker.cancelled == 1
+    for r in records:
+        final = await app.get(r.uuid)
+        assert final is not None
+        assert final.status == TaskStatusEnum.SUCCESS

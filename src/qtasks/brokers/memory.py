@@ -135,7 +135,7 @@ class MemoryBroker(Broker):
         if undo:
             deliveries -= 1
         if replacement is not None:
-            env = replacement
+            env, deliveries = replacement, replacement.deliveries
         if env.eta is not None and env.eta > time.time():
             heapq.heappush(self._delayed, (env.eta, next(self._seq), env, deliveries))
         else:

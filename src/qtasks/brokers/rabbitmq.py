@@ -42,19 +42,45 @@ How qtasks maps onto RabbitMQ (3.8 or newer, no plugins):
   producer (eta only) is converted by the first new consumer, reading the eta on its
   clock once.
 * Retries and release. `requeue` publishes the next attempt (to the work queue or a
-  bucket), awaits its confirm, then acks the old message. `release` is
-  basic.nack(requeue=True): the message returns to its place at the head of the queue.
-* Delivery count. Classic queues keep none, so a header carries the deliveries counted
-  before the message was last published (a requeue adds one) and RabbitMQ's
-  `redelivered` flag adds one more. Exact in the normal path; after a release or a lost
-  consumer it is "at least" (a released message comes back with count 2).
+  bucket), awaits its confirm, then acks the old message; its count starts from
+  `Envelope.deliveries` (0 for a retry). `release` publishes the message again as it
+  came, uncounted, awaits the confirm and acks it (not basic.nack(requeue=True): see
+  below), so it goes to the back of its priority level, not to its old place; one whose
+  copy is not confirmed is nacked back instead and counts once more. `stop` gives back
+  the same way what RabbitMQ pushed within the prefetch and `fetch` never handed out.
+* Delivery count (`Delivery.delivery_count`: how many times a worker was handed the
+  message, this time included; `max_deliveries` ends a crash loop with it). Classic
+  queues keep no count and a message cannot be changed where it lies, so the count is
+  in the message: its `x-qtasks-deliveries` header holds the deliveries counted before
+  it was published, and an arrival counts `header + 1`. A message that arrives flagged
+  `redelivered` (its consumer died, or lost its connection, with it unacked) is not
+  handed out as it is: the consumer publishes a copy with the header one higher (the
+  delivery that died counts), awaits the confirm and acks the original, like a delay
+  hop (a "recount"). The copy arrives unflagged, so each lost consumer adds exactly
+  one, kept in the message for whoever takes it next; the flag itself was a count of 2
+  however many workers a task killed, and such a task crash-looped. The copy goes to
+  the back of its priority level. A redelivered message still waiting for its eta was
+  never handed out: it moves on uncounted. Deliveries lost with a consumer before
+  `fetch` handed them out count too (so "at least" after a lost connection). The copy
+  may come back to the same consumer before the original's ack is sent: `fetch` holds
+  it until then, else a task that kills its worker would take the ack with it and leave
+  two copies. Workers of older versions read the header as before and count the flag
+  once more. Not chosen: quorum queues count deliveries themselves (`x-delivery-count`)
+  but had no priorities before RabbitMQ 4.0 (and have two levels since), and a queue
+  cannot change its type; counting in the result storage would cost a write per
+  delivery, which a release would have to undo.
 * Lost connections. The next call that needs the server reconnects, with exponential
   backoff (0.1 s doubling to 5 s) for up to `connect_timeout_seconds`, and consumers are
   recreated. Deliveries taken before the loss are stale: RabbitMQ has already put them
   back, so their acks, releases and requeues are skipped, never sent on the new channel
   (where the same delivery tag means another message), and they are delivered again
-  (at-least-once). One window is left: a connection lost between a requeue's confirm
-  and its ack leaves both messages.
+  (at-least-once). One window is left: a connection lost (or a process killed)
+  between the confirm of a copy (a requeue, a release, a delay hop or a recount) and
+  the original's ack leaves both messages, and both run (at-least-once), each with its
+  count. A copy that was not confirmed is nacked back after a pause (a delay hop or a
+  recount) or at once (a release): its header is unchanged, and the `redelivered` flag
+  that nack sets makes only a recount that had not happened yet, so nothing counts twice
+  (except a failed release: it counts once).
 * Dead letters. Each app has a durable direct exchange `<namespace>.dead` routing to a
   durable queue per qtasks queue, `<namespace>.<queue>.dead` (binding key: the qtasks
   queue), with `x-message-ttl` = `dead_letter_ttl_seconds`, so RabbitMQ expires old
@@ -164,6 +190,19 @@ def _to_us(seconds: float) -> int:
 
 def _from_us(value: object) -> float | None:
     return value / 1_000_000 if isinstance(value, int) else None
+
+
+def _stored_count(headers: dict[str, Any]) -> int:
+    """Deliveries counted before the message was last published (its header)."""
+    value = headers.get(_H_DELIVERIES)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _created_at(message: AbstractIncomingMessage) -> float:
+    created = _from_us((message.headers or {}).get(_H_CREATED))
+    if created is not None:
+        return created
+    return message.timestamp.timestamp() if message.timestamp else time.time()
 
 
 def _rest_us(headers: dict[str, Any]) -> int:
@@ -277,6 +316,9 @@ class RabbitMQBroker(Broker):
         self._arrivals = 0
         self._buffer: list[Delivery] = []
         self._hops: set[asyncio.Task[None]] = set()
+        self._hopping: dict[str, set[asyncio.Task[None]]] = {}
+        """Hops in progress per message id: from before the copy is published until the
+        original is acked (see `_after_hops`)."""
         self._closers: set[asyncio.Task[None]] = set()
         self._backoff = _FIRST_BACKOFF_SECONDS
         self._connected_before = False
@@ -371,8 +413,16 @@ class RabbitMQBroker(Broker):
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        session.closed = True
+        unfetched = [d.receipt for d in self._buffer if d.receipt.session is session]
         self._buffer = [d for d in self._buffer if d.receipt.session is not session]
+        if unfetched:
+            # Pushed within the prefetch but never handed out: closing would give them
+            # back flagged redelivered, and every deploy would count a delivery of them.
+            try:
+                await asyncio.wait_for(self._give_back(unfetched), _STOP_HOPS_SECONDS)
+            except asyncio.TimeoutError:
+                log.warning("giving back %d unfetched messages timed out", len(unfetched))
+        session.closed = True
         try:
             await session.connection.close()
         except Exception as exc:
@@ -608,6 +658,7 @@ class RabbitMQBroker(Broker):
             if any(d.queue in names for d in self._buffer):
                 if settle:
                     await self._settle()
+                await self._after_hops(names)
                 return self._take(names, max_count)
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -658,21 +709,59 @@ class RabbitMQBroker(Broker):
         session.held[queue] += 1
         receipt = _Receipt(message, session, queue)
         headers = message.headers or {}
+        before = _stored_count(headers)
         rest = _rest_us(headers)
         if rest > 0:
-            hop = asyncio.ensure_future(self._hop(receipt, rest))
-            self._hops.add(hop)
-            hop.add_done_callback(self._hops.discard)
+            # Early: no worker has had it yet, redelivered or not, so nothing to count.
+            self._start_hop(receipt, rest, before)
+            return
+        if message.redelivered:
+            # Its consumer died with it (or gave it up unacked): that delivery counts,
+            # and only a new message can carry the count to whoever gets it next.
+            self._start_hop(receipt, 0, before + 1)
             return
         priority = self._priority_of(message)
-        created = _from_us(headers.get(_H_CREATED))
-        if created is None:
-            created = message.timestamp.timestamp() if message.timestamp else time.time()
-        before = headers.get(_H_DELIVERIES)
-        count = (before if isinstance(before, int) else 0) + 1 + int(bool(message.redelivered))
-        self._buffer.append(Delivery(message.body, receipt, queue, priority, created, count))
+        created = _created_at(message)
+        delivery = Delivery(message.body, receipt, queue, priority, created, before + 1)
+        self._buffer.append(delivery)
         self._arrivals += 1
         self._arrived.set()
+
+    def _start_hop(self, receipt: _Receipt, wait_us: int, deliveries: int) -> None:
+        hop = asyncio.ensure_future(self._hop(receipt, wait_us, deliveries))
+        self._hops.add(hop)
+        hop.add_done_callback(self._hops.discard)
+        key = receipt.message.message_id
+        if key:
+            self._hopping.setdefault(key, set()).add(hop)
+
+            def done(task: asyncio.Task[None]) -> None:
+                tasks = self._hopping.get(key)
+                if tasks is not None:
+                    tasks.discard(task)
+                    if not tasks:
+                        del self._hopping[key]
+
+            hop.add_done_callback(done)
+
+    async def _after_hops(self, names: list[str]) -> None:
+        """Wait until no buffered message of `names` is the copy of a hop whose original
+        is not acked yet.
+
+        The copy can reach this very consumer before the hop's ack is sent. Handed out
+        then, a task that kills its worker (the crash loop a recount is there to end)
+        would take the ack with it, and its original would come back as a second copy.
+        """
+        while True:
+            pending = {
+                task
+                for d in self._buffer
+                if d.queue in names
+                for task in self._hopping.get(d.receipt.message.message_id or "", ())
+            }
+            if not pending:
+                return
+            await asyncio.wait(pending)
 
     async def _settle(self) -> None:
         # Right after basic.consume the server pushes a burst; let it end (a quiet gap or
@@ -694,32 +783,77 @@ class RabbitMQBroker(Broker):
         self._buffer = [d for d in self._buffer if id(d) not in taken]
         return out
 
-    async def _hop(self, receipt: _Receipt, rest_us: int) -> None:
-        """Move an early message on to the next delay bucket: publish, confirm, then ack."""
+    def _copy(self, receipt: _Receipt, wait_us: int, deliveries: int) -> _Outgoing:
+        """The message of `receipt` to publish again, `wait_us` from now, with a count.
+
+        `wait_us` 0 still writes a rest of 0: without it a consumer would read the eta
+        header on its own clock again (see `_rest_us`).
+        """
         message = receipt.message
-        headers = message.headers or {}
-        created = _from_us(headers.get(_H_CREATED))
-        before = headers.get(_H_DELIVERIES)
-        item = _Outgoing(
+        return _Outgoing(
             receipt.queue,
             self._priority_of(message),
-            created if created is not None else time.time(),
-            _from_us(headers.get(_H_ETA)),
-            rest_us,
+            _created_at(message),
+            _from_us((message.headers or {}).get(_H_ETA)),
+            wait_us,
             message.body,
-            before if isinstance(before, int) else 0,
+            deliveries,
             message.message_id,
         )
+
+    async def _hop(self, receipt: _Receipt, wait_us: int, deliveries: int) -> None:
+        """Publish a message again (on to its next delay bucket, or to its work queue
+        with a new count), await the confirm, then ack the one it replaces."""
+        item = self._copy(receipt, wait_us, deliveries)
         try:
             (error,) = await self._send(receipt.session, [item])
         except Exception as exc:
             error = exc
         if error is not None:
-            log.warning("moving a delayed message on failed (%r); it comes back to retry", error)
+            what = "moving a delayed message on" if wait_us > 0 else "recounting a redelivery"
+            log.warning("%s failed (%r); it comes back to retry", what, error)
             await asyncio.sleep(_HOP_RETRY_SECONDS)
+            # Its header is unchanged and it comes back flagged redelivered, which it was
+            # already or which a delayed message ignores: the retry counts nothing twice.
             await self._settle_receipts([receipt], requeue=True)
             return
         await self._settle_receipts([receipt], requeue=None)
+
+    async def _give_back(self, receipts: Sequence[_Receipt]) -> None:
+        """Publish each message again as it came (its stored count unchanged), await the
+        confirms, then ack; one not confirmed is nacked back instead (and so counts once).
+
+        Not basic.nack(requeue=True): the message would come back flagged redelivered,
+        which `_arrive` takes for a consumer that died with it.
+        """
+        stale = [r for r in receipts if not r.settled and r.session.closed]
+        if stale:
+            await self._settle_receipts(stale, requeue=None)  # sends nothing: logs them
+        live = [r for r in receipts if not r.settled and not r.session.closed]
+        if not live:
+            return
+        session = live[0].session  # every live receipt is of the one live session
+        # The header, not the count handed out: that is the header + 1 (see `_arrive`).
+        items = [self._copy(r, 0, _stored_count(r.message.headers or {})) for r in live]
+        errors: list[BaseException | None]
+        try:
+            errors = await self._send(session, items)
+        except Exception as exc:
+            errors = [exc] * len(items)
+        await self._settle_receipts(
+            [r for r, err in zip(live, errors, strict=True) if err is None], requeue=None
+        )
+        failed = [r for r, err in zip(live, errors, strict=True) if err is not None]
+        if failed:
+            first = next(err for err in errors if err is not None)
+            log.warning(
+                "RabbitMQ did not confirm %d of %d messages given back (%r); they go back "
+                "by basic.nack and will count one delivery more",
+                len(failed),
+                len(live),
+                first,
+            )
+            await self._settle_receipts(failed, requeue=True)
 
     # -- settling ----------------------------------------------------------------------
 
@@ -752,6 +886,15 @@ class RabbitMQBroker(Broker):
                 log.debug("settling a RabbitMQ delivery failed: %r", exc)
                 stale += 1
                 continue
+            except asyncio.CancelledError:
+                if _cancelling():
+                    raise
+                # Not this task: the connection's reader, cancelled as it closes, fails
+                # the frame's drain with its CancelledError. Raised, it would end the
+                # caller (a worker's result writer) for what is only a lost connection.
+                log.debug("settling a RabbitMQ delivery failed: its connection closed")
+                stale += 1
+                continue
             done += 1
         if stale:
             log.info(
@@ -774,7 +917,7 @@ class RabbitMQBroker(Broker):
         await self._settle_receipts(self._receipts(deliveries), requeue=None)
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        """basic.nack(requeue=True): back to the head of their queue for any consumer.
+        """Publish each message again, uncounted, for any consumer; then ack the original.
 
         This process stops consuming those queues first: its consumer still has prefetch
         room and would otherwise take the messages straight back. The next fetch
@@ -788,7 +931,7 @@ class RabbitMQBroker(Broker):
             if consumer is not None:
                 with contextlib.suppress(AMQPError, OSError, RuntimeError, asyncio.TimeoutError):
                     await consumer[0].cancel(consumer[1])
-        await self._settle_receipts(live, requeue=True)
+        await self._give_back(receipts)
         self._arrived.set()
 
     async def requeue(self, items: Sequence[tuple[Delivery, Envelope]]) -> None:
@@ -803,7 +946,9 @@ class RabbitMQBroker(Broker):
             return
         session = live[0][0].receipt.session
         now = time.time()
-        outgoing = [_Outgoing.of(e, d.delivery_count, now) for d, e in live]
+        # The envelope says where the count starts: 0 for a retry (a new attempt), the
+        # count so far for a message sent back unrun.
+        outgoing = [_Outgoing.of(e, e.deliveries, now) for _, e in live]
         errors = await self._send(session, outgoing)
         confirmed = [d.receipt for (d, _), err in zip(live, errors, strict=True) if err is None]
         await self._settle_receipts(confirmed, requeue=None)
@@ -1068,6 +1213,13 @@ class RabbitMQBroker(Broker):
             pass  # other queues still keep dead letters through it
         else:
             session.dead_declared.clear()  # declare again: the exchange is gone
+
+
+def _cancelling() -> bool:
+    """Whether the running task itself is being cancelled (always assumed before 3.11,
+    which cannot tell)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return cancelling is None or bool(cancelling())
 
 
 def _letter_message(letter: DeadLetter) -> aio_pika.Message:

@@ -436,24 +436,24 @@ REQUEUE = script(
     "requeue",
     _WAKE
     + """
--- KEYS[1] my inflight, KEYS[2] bodies, KEYS[3] counts; ARGV[1] key prefix, then 7 per
--- message: old id, old queue, new queue, priority, new id, delay ('' = due now), body
+-- KEYS[1] my inflight, KEYS[2] bodies, KEYS[3] counts; ARGV[1] key prefix, then 8 per
+-- message: old id, old queue, new queue, priority, new id, delay ('' = due now), body,
+-- deliveries the new message starts with (0 for a retry, kept for a deferral)
 local t = now()
 local woken, n = {}, 0
-for i = 2, #ARGV, 7 do
+for i = 2, #ARGV, 8 do
   local old, newq, mid = ARGV[i], ARGV[i + 2], ARGV[i + 4]
-  local c = false
-  local v = redis.call('HGET', KEYS[1], old)
-  if v then
-    c = tonumber(string.match(v, '^(%d+):'))
-    redis.call('HDEL', KEYS[1], old)
+  local found = false
+  if redis.call('HDEL', KEYS[1], old) == 1 then
+    found = true
   elseif redis.call('ZREM', ARGV[1] .. 'ready:' .. ARGV[i + 1], old) == 1 then
-    c = tonumber(redis.call('HGET', KEYS[3], old)) or 0
+    found = true
   end
-  if c then
+  if found then
     redis.call('HDEL', KEYS[2], old)
     redis.call('HDEL', KEYS[3], old)
     redis.call('HSET', KEYS[2], mid, ARGV[i + 6])
+    local c = tonumber(ARGV[i + 7]) or 0
     if c > 0 then redis.call('HSET', KEYS[3], mid, c) end
     local delay = tonumber(ARGV[i + 5])
     if delay and delay > 0 then
@@ -982,7 +982,16 @@ class RedisBroker(RedisComponent, Broker):
             for d, e in part:
                 self._held.discard(d.receipt)
                 delay = "" if e.eta is None or e.eta <= now else repr(e.eta - now)
-                args += (d.receipt, d.queue, e.queue, e.priority, message_id(e), delay, e.body)
+                args += (
+                    d.receipt,
+                    d.queue,
+                    e.queue,
+                    e.priority,
+                    message_id(e),
+                    delay,
+                    e.body,
+                    e.deliveries,
+                )
             commands.append(REQUEUE.command([k.inflight(me), k.bodies, k.counts], args))
         await self._run(commands, retry=True)
 

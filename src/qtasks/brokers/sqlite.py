@@ -72,7 +72,7 @@ _SELECT_READY = (
 _NEXT_ETA = "SELECT MIN(eta) FROM qtasks_queue WHERE ns = ? AND queue = ? AND eta > 0"
 _REQUEUE = (
     "UPDATE qtasks_queue SET queue = ?, uuid = ?, priority = ?, created_at = ?, eta = ?,"
-    " body = ?, consumer = NULL WHERE id = ? AND (consumer = ? OR consumer IS NULL)"
+    " body = ?, deliveries = ?, consumer = NULL WHERE id = ? AND (consumer = ? OR consumer IS NULL)"
 )
 
 _DEAD_COLUMNS = (
@@ -393,6 +393,7 @@ class SqliteBroker(SqliteComponent, Broker):
                 e.created_at,
                 _stored_eta(e.eta, now),
                 e.body,
+                e.deliveries,
                 d.receipt,
                 me,
             )

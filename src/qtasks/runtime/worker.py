@@ -80,6 +80,17 @@ _FINAL_STATUS = {
 STARTED_RECORD_DELAY_SECONDS = 0.05
 """A task still running this long after it started gets its `process` record stored."""
 
+ALONE_SECONDS = 10.0
+"""How long a redelivered task runs alone before the worker takes other work beside it.
+
+A message handed out again after its worker died (delivery_count > 1) may be what killed
+it. Run beside others, it would take them down with it again and again, and they would
+reach max_deliveries with it and be dead-lettered worker_lost though innocent. So the
+worker claims it alone (the rest of its batch goes back uncounted), waits until nothing
+else runs or waits to be written, and runs it by itself. A task that kills its worker
+does so in the first seconds (a segfault, a huge allocation); one still alive after this
+long is let be, so a long redelivered task does not idle the worker's other slots."""
+
 
 class ResultWriter:
     """Group-commits records, then acks/requeues/releases the deliveries they finish."""
@@ -173,6 +184,12 @@ class ResultWriter:
         self.unsettled += 1
         self._kick()
 
+    def ack(self, delivery: Delivery) -> None:
+        """Ack a delivery with no record to store (a duplicate of a finished task)."""
+        self._acks.append(delivery)
+        self.unsettled += 1
+        self._kick()
+
     def release(self, delivery: Delivery) -> None:
         """Give an unfinished delivery back to the broker."""
         self._releases.append(delivery)
@@ -190,7 +207,20 @@ class ResultWriter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                # A client library may let a CancelledError of its own (a connection
+                # dropped mid-call) escape; flush() kept what it had not written. Only a
+                # cancellation of this task (close()) ends the writer: if it ended
+                # otherwise, the worker would wait for room forever.
+                me = asyncio.current_task()
+                cancelling = getattr(me, "cancelling", None)
+                if cancelling is None or cancelling():
+                    raise
+                log.warning("a broker or storage call was cancelled under the writer; retrying")
+                await asyncio.sleep(0.05)
+                self._wake.set()
 
     async def flush(self, give_up_after: float | None = None) -> None:
         """Write everything pending; on errors keep it and retry with backoff."""
@@ -361,6 +391,8 @@ class Worker:
         )
         self._seq = itertools.count()
         self._room = asyncio.Event()
+        self._changed = asyncio.Event()
+        """Set whenever a slot ends a task or the writer settles: `_until` waits on it."""
         plugins = app.plugins.owned_by("worker")
         for definition in app.tasks.values():
             for entry in definition.plugins:
@@ -371,7 +403,7 @@ class Worker:
         self._pool = TaskThreadPool(config.max_threads or self._concurrency)
         # Finished deliveries stay claimed until the writer settles them: they count
         # against the prefetch bound, so a slow storage slows fetching down.
-        self._writer = ResultWriter(app, on_settled=self._room.set, worker=self)
+        self._writer = ResultWriter(app, on_settled=self._wake, worker=self)
         self._writer.start()
         self.started_at = time.time()
         self._tasks = [asyncio.ensure_future(self._fetch_loop())]
@@ -456,11 +488,61 @@ class Worker:
 
     # -- fetching ----------------------------------------------------------------------
 
+    def _wake(self) -> None:
+        self._room.set()
+        self._changed.set()
+
+    async def _until(self, done: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait until `done()` holds (checked after every settle and task end); its value."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not done():
+            self._changed.clear()
+            if deadline is None:
+                await self._changed.wait()
+            else:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+        return True
+
+    def _quiet(self) -> bool:
+        """Nothing runs, waits to run or waits to be written: this worker holds no claim."""
+        return not self._busy and self._buffer.empty() and self.writer.unsettled == 0
+
+    async def _run_alone(self, delivery: Delivery) -> None:
+        """Run a redelivered message with no other claim held here (see ALONE_SECONDS)."""
+        for d in self._take_buffered():
+            self.writer.release(d)
+        try:
+            await self._until(self._quiet)
+        except asyncio.CancelledError:
+            self.writer.release(delivery)  # stopping: stop()'s flush gives it back
+            raise
+        self._buffer.put_nowait((delivery.priority, delivery.created_at, next(self._seq), delivery))
+        if not await self._until(self._quiet, ALONE_SECONDS):
+            log.info(
+                "redelivered task on queue %s still runs after %.0fs alone; taking other "
+                "work beside it",
+                delivery.queue,
+                ALONE_SECONDS,
+            )
+
+    def _take_buffered(self) -> list[Delivery]:
+        out: list[Delivery] = []
+        while not self._buffer.empty():
+            out.append(self._buffer.get_nowait()[3])
+        return out
+
     async def _fetch_loop(self) -> None:
         broker = self.app.broker
         batch = self.app.config.fetch_batch
         limit = self._concurrency + self._prefetch
         backoff = 0.1
+        careful = False
+        """After a redelivered message: claim one at a time until a fresh one comes."""
         while not self._stopping:
             room = limit - self._buffer.qsize() - len(self._busy) - self.writer.unsettled
             if room <= 0:
@@ -468,7 +550,8 @@ class Worker:
                 await self._room.wait()
                 continue
             try:
-                deliveries = await broker.fetch(self._queue_names, min(room, batch), 1.0)
+                want = 1 if careful else min(room, batch)
+                deliveries = await broker.fetch(self._queue_names, want, 1.0)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -485,6 +568,17 @@ class Worker:
                 for d in deliveries:
                     self.writer.release(d)
                 return
+            suspect = next((d for d in deliveries if d.delivery_count > 1), None)
+            if suspect is not None:
+                # Uncounted give-backs: the others were not started here.
+                for d in deliveries:
+                    if d is not suspect:
+                        self.writer.release(d)
+                careful = True
+                await self._run_alone(suspect)
+                continue
+            if deliveries:
+                careful = False
             for d in deliveries:
                 self._buffer.put_nowait((d.priority, d.created_at, next(self._seq), d))
 
@@ -515,7 +609,7 @@ class Worker:
                 raise
             finally:
                 del self._busy[me]
-                self._room.set()
+                self._wake()
                 self.processed += 1
 
     async def process(self, delivery: Delivery) -> None:
@@ -528,6 +622,8 @@ class Worker:
             return
         if delivery.delivery_count > 1:
             self.counters[message.name].redelivered += 1
+            if await self._ran_already(delivery, message):
+                return
         definition = app.tasks.get(message.name)
         limit = app.config.max_deliveries
         if definition is None:
@@ -684,6 +780,41 @@ class Worker:
         detail = f"{record.error_type}: {record.error_message}"
         self.writer.dead(delivery, record, _letter(delivery, reason, detail, message, now))
 
+    async def _ran_already(self, delivery: Delivery, message: TaskMessage) -> bool:
+        """Ack a redelivered message whose attempt has run to its end already; True if so.
+
+        Brokers redeliver a message whose ack did not reach them (a worker killed after
+        storing the result, Kafka offsets above an unfinished one, RabbitMQ's window
+        between a retry's publish and the old message's ack): the stored record tells.
+        Only redeliveries pay this read; on a storage error the task runs (at-least-once).
+        """
+        try:
+            record = await self.app.storage.get(str(message.uuid))
+        except Exception:
+            log.warning("could not read the record of redelivered task %s", message.uuid)
+            return False
+        if record is None:
+            return False
+        # Not `error`: the letter of a dead-lettered task may not have reached the broker
+        # (record stored first); running it again sets it aside again. Not `retry`: the
+        # next attempt's message may not exist yet (record stored before the requeue).
+        # A later attempt that started proves the requeue happened.
+        ran = record.attempts > message.attempt + 1 or (
+            record.attempts == message.attempt + 1
+            and record.status in (TaskStatusEnum.SUCCESS, TaskStatusEnum.CANCEL)
+        )
+        if not ran:
+            return False
+        log.info(
+            "task %s %s attempt %d was delivered again after it ended (%s); not run twice",
+            message.name,
+            message.uuid,
+            message.attempt + 1,
+            record.status.value,
+        )
+        self.writer.ack(delivery)
+        return True
+
     def _defer(self, delivery: Delivery, message: TaskMessage) -> None:
         """Send an unknown task back with a growing delay (requeue_unknown_tasks)."""
         delay = min(float(delivery.delivery_count), 30.0)
@@ -702,6 +833,7 @@ class Worker:
             eta,
             message.created_at,
             delivery.body,
+            deliveries=delivery.delivery_count,
         )
         self.writer.requeue(delivery, env)
 
