@@ -45,7 +45,7 @@ How qtasks maps onto RabbitMQ (3.8 or newer, no plugins):
   bucket), awaits its confirm, then acks the old message; its count starts from
   `Envelope.deliveries` (0 for a retry). `release` publishes the message again as it
   came, uncounted, awaits the confirm and acks it (not basic.nack(requeue=True): see
-  below), so it goes to the back of its priority level, not to its old place; one whose
+  below), with the top priority so it goes back to the head of the queue; one whose
   copy is not confirmed is nacked back instead and counts once more. `stop` gives back
   the same way what RabbitMQ pushed within the prefetch and `fetch` never handed out.
 * Delivery count (`Delivery.delivery_count`: how many times a worker was handed the
@@ -58,8 +58,11 @@ How qtasks maps onto RabbitMQ (3.8 or newer, no plugins):
   delivery that died counts), awaits the confirm and acks the original, like a delay
   hop (a "recount"). The copy arrives unflagged, so each lost consumer adds exactly
   one, kept in the message for whoever takes it next; the flag itself was a count of 2
-  however many workers a task killed, and such a task crash-looped. The copy goes to
-  the back of its priority level. A redelivered message still waiting for its eta was
+  however many workers a task killed, and such a task crash-looped. The copy (and a
+  released message's copy) is sent with RabbitMQ's top priority, so it goes back to the
+  head of the queue where it was, as a nack would put it, instead of behind the whole
+  backlog (an orphan waited out a queue of thousands); `Delivery.priority` still gives
+  its own priority, from the header. A redelivered message still waiting for its eta was
   never handed out: it moves on uncounted. Deliveries lost with a consumer before
   `fetch` handed them out count too (so "at least" after a lost connection). The copy
   may come back to the same consumer before the original's ack is sent: `fetch` holds
@@ -233,6 +236,9 @@ class _Outgoing:
     body: bytes
     deliveries: int
     message_id: str | None
+    first: bool = False
+    """Sent with RabbitMQ's top priority: a message that was at the head of its queue
+    already (a recount or a give-back) goes back there, not behind the whole backlog."""
 
     @classmethod
     def of(cls, envelope: Envelope, deliveries: int, now: float) -> _Outgoing:
@@ -630,7 +636,9 @@ class RabbitMQBroker(Broker):
             item.body,
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=amqp_priority(item.priority, self.max_priority),
+            priority=self.max_priority
+            if item.first
+            else amqp_priority(item.priority, self.max_priority),
             message_id=item.message_id,
         )
 
@@ -799,6 +807,8 @@ class RabbitMQBroker(Broker):
             message.body,
             deliveries,
             message.message_id,
+            # Not a delayed hop: its bucket dead-letters into the work queue with this.
+            first=wait_us == 0,
         )
 
     async def _hop(self, receipt: _Receipt, wait_us: int, deliveries: int) -> None:
