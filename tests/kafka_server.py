@@ -14,12 +14,14 @@ and tansu answers a fetch only when its max wait is over, so they poll every 10 
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,3 +129,17 @@ def kafka_url(**params: object) -> str:
     """A kafka:// URL for the shared server with the test group timings (and `params`)."""
     extra = "".join(f"&{k}={v}" for k, v in params.items())
     return f"kafka://{kafka_bootstrap()}?{TEST_GROUP_PARAMS}{extra}"
+
+
+async def crash_member(broker: Any) -> None:
+    """What a killed process does to a KafkaBroker's group: it stops polling, commits and
+    writes nothing more, and its partitions go to the others (it leaves at once here, so
+    the survivor does not wait a session timeout; the fault suite kills for real)."""
+    poller, broker._poller = broker._poller, None
+    assert poller is not None
+    poller.cancel()
+    await asyncio.gather(poller, return_exceptions=True)
+    broker._owned.clear()
+    consumer, broker._consumer = broker._consumer, None
+    assert consumer is not None
+    await consumer.stop()

@@ -47,7 +47,9 @@ Why it looks like this:
   woken waiter needs no further read. A channel per task rather than one per app: a
   process waiting for one result is not sent every other result of the app.
 * `Batcher` coalesces concurrent calls (enqueue) into few writes, with up to four in
-  flight so a bulk enqueue's chunks overlap with the server's work on earlier ones.
+  flight so a bulk enqueue's chunks overlap with the server's work on earlier ones (up
+  to eight for full batches, written by the caller that fills one: see its docstring).
+  A command may come already packed (`Packed`): the broker builds ENQUEUE's RESP itself.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ import random
 import socket
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -284,6 +286,30 @@ class Script:
 _SCRIPTS: dict[str, Script] = {}
 
 
+class Packed:
+    """A command already in RESP, sent as is: for callers that build the wire format of
+    many small pieces faster than packing their arguments (see the broker's enqueue)."""
+
+    __slots__ = ("data", "name")
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name = name
+        """The command's name (EVALSHA, ...): what `_is_script` and tests look at."""
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"<Packed {self.name} {len(self.data)} bytes>"
+
+
+Command = Sequence[Any] | Packed
+"""A command: its arguments (packed by `_pack`), or already packed."""
+
+
+def bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
 def script(name: str, source: str) -> Script:
     """Register a script; every link loads the registered scripts when it opens."""
     s = Script(name, source)
@@ -441,9 +467,7 @@ class RedisLink:
             with contextlib.suppress(Exception):
                 await conn.disconnect(nowait=True)
 
-    async def _send(
-        self, commands: Sequence[Sequence[Any]], read_timeout: float | None
-    ) -> list[Any]:
+    async def _send(self, commands: Sequence[Command], read_timeout: float | None) -> list[Any]:
         conn = await self._acquire()
         try:
             packed = _pack(conn, commands)
@@ -469,7 +493,7 @@ class RedisLink:
 
     async def run(
         self,
-        commands: Sequence[Sequence[Any]],
+        commands: Sequence[Command],
         *,
         retry: bool = True,
         read_timeout: float | None = None,
@@ -501,7 +525,7 @@ class RedisLink:
 
     async def _fix_replies(
         self,
-        commands: Sequence[Sequence[Any]],
+        commands: Sequence[Command],
         replies: list[Any],
         read_timeout: float | None,
         retry: bool,
@@ -575,7 +599,7 @@ class RedisLink:
                     replies[i] = reply
 
     async def _send_asking(
-        self, node_url: str, commands: Sequence[Sequence[Any]], read_timeout: float | None
+        self, node_url: str, commands: Sequence[Command], read_timeout: float | None
     ) -> list[Any]:
         """Send each command once to `node_url` after ASKING (it imports the slot): replies."""
         factory = self._make_factory(node_url)
@@ -689,14 +713,14 @@ class RedisLink:
             self._subscriber.reconnect()
 
 
-def _pack(conn: AbstractConnection, commands: Sequence[Sequence[Any]]) -> list[bytes]:
+def _pack(conn: AbstractConnection, commands: Sequence[Command]) -> list[bytes]:
     """RESP for the commands; hiredis packs in C, about 20x faster than redis-py's Python."""
     if _hiredis_pack is not None:
         try:
-            return [_hiredis_pack(tuple(c)) for c in commands]
+            return [c.data if isinstance(c, Packed) else _hiredis_pack(tuple(c)) for c in commands]
         except TypeError:  # an argument type hiredis does not pack: let redis-py say why
             pass
-    return list(conn.pack_commands(commands))
+    return [c.data if isinstance(c, Packed) else b"".join(conn.pack_command(*c)) for c in commands]
 
 
 def _make_connection(factory: redis.asyncio.ConnectionPool) -> AbstractConnection:
@@ -712,8 +736,8 @@ class _SlotMoved(Exception):  # noqa: N818 - control flow, not an error
     """The node unsubscribed a channel we still want: its slot moved to another master."""
 
 
-def _is_script(command: Sequence[Any]) -> bool:
-    name = command[0]
+def _is_script(command: Command) -> bool:
+    name = command.name if isinstance(command, Packed) else command[0]
     return (name.decode() if isinstance(name, bytes) else str(name)).upper() in ("EVALSHA", "EVAL")
 
 
@@ -1065,7 +1089,7 @@ class RedisComponent:
 
     async def _run(
         self,
-        commands: Sequence[Sequence[Any]],
+        commands: Sequence[Command],
         *,
         retry: bool = True,
         read_timeout: float | None = None,
@@ -1105,83 +1129,165 @@ class Batcher(Generic[T]):
     """Coalesces concurrent calls into few writes (automatic pipelining).
 
     While fewer than `max_in_flight` writes are in flight, a caller writes its own item at
-    once (no added latency, and the writes of a bulk call overlap with the server's work
-    on the previous ones). Items that arrive when that many are in flight are written
-    together by one background flush as soon as a write returns. Every caller gets its
-    own item's outcome.
+    once (no added latency). Items that arrive when that many are in flight wait in a
+    queue; each time a write returns, a new one takes the queue's head (up to `max_items`
+    in `size`), so up to `max_in_flight` batches are on the wire at once and the server
+    works on one while the next is prepared. Every caller gets its own item's outcome.
+
+    The caller whose item fills a batch writes it at once, itself (up to twice
+    `max_in_flight` writes then), so the server works while the rest are still queued.
+    If that caller is cancelled during the write, the other items are queued again and
+    written again: `write` must be harmless to repeat (enqueue's is: see the broker).
+
+    A queued caller awaits a bare future, not a coroutine of its own: with thousands of
+    calls queued at once (`asyncio.gather`), every object each one keeps alive is scanned
+    by the garbage collector again and again, which cost more than the writes.
     """
 
     def __init__(
-        self, write: Callable[[list[T]], Any], max_items: int = 2000, max_in_flight: int = 4
+        self,
+        write: Callable[[list[T]], Awaitable[Any]],
+        max_items: int = 1000,
+        max_in_flight: int = 4,
+        size: Callable[[T], int] | None = None,
     ) -> None:
         self._write = write
         self._max_items = max_items
         self._max_in_flight = max_in_flight
+        self._size: Callable[[T], int] = size or _size
         self._in_flight = 0
-        self._pending: list[tuple[T, asyncio.Future[None]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        # Two deques, not one of (item, future) pairs: a pair is one more object per call
+        # for the garbage collector to scan.
+        self._pending: collections.deque[T] = collections.deque()
+        self._futures: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._pending_size = 0
+        self._writers: set[asyncio.Task[None]] = set()
+        self._starting = 0
+        """Writers started that have not taken their batch yet."""
 
-    async def submit(self, item: T) -> None:
-        """Write `item` (alone or with others); raises what the write raised."""
+    def submit(self, item: T) -> Awaitable[None]:
+        """Write `item` (alone or with others): await the result, which raises what the
+        write raised. Cancelling the wait before the item is written drops it.
+
+        Await the result at once: a write of the item alone takes its place among the
+        writes in flight now, so that calls made before any is awaited still coalesce.
+        """
         if self._in_flight < self._max_in_flight and not self._pending:
             self._in_flight += 1
-            try:
-                await self._write([item])
-            finally:
-                self._in_flight -= 1
-                self._kick()
-            return
+            return self._write_alone(item)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (item, fut)
-        self._pending.append(entry)
+        self._pending.append(item)
+        self._futures.append(fut)
+        self._pending_size += self._size(item)
+        if (
+            self._pending_size - self._max_items * self._starting >= self._max_items
+            and self._in_flight < 2 * self._max_in_flight
+        ):
+            # A full batch: this caller writes it now, in its own step. A background
+            # writer would start only after every other ready callback: with thousands of
+            # calls gathered at once, the server would sit idle until all were queued.
+            self._in_flight += 1
+            items, futs = self._cut()
+            return self._write_inline(items, futs, fut)
         self._kick()
+        return fut
+
+    async def _write_alone(self, item: T) -> None:
         try:
-            await fut
+            await self._write([item])
+        finally:
+            self._in_flight -= 1
+            self._kick()
+
+    async def _write_inline(
+        self, items: list[T], futs: list[asyncio.Future[None]], own: asyncio.Future[None]
+    ) -> None:
+        try:
+            await self._write(items)
         except asyncio.CancelledError:
-            with contextlib.suppress(ValueError):
-                self._pending.remove(entry)  # not written yet: drop it
+            # This caller was cancelled mid-write, which may or may not have happened: the
+            # others' items go back to the head of the queue (see `write` in the class doc).
+            for item, fut in zip(reversed(items), reversed(futs), strict=True):
+                if fut is not own and not fut.done():
+                    self._pending.appendleft(item)
+                    self._futures.appendleft(fut)
+                    self._pending_size += self._size(item)
             raise
+        except Exception as exc:
+            _resolve(futs, exc)
+        else:
+            _resolve(futs, None)
+        finally:
+            self._in_flight -= 1
+            self._kick()
+        await own
 
     def _kick(self) -> None:
-        if self._pending and self._flusher is None and self._in_flight < self._max_in_flight:
-            self._flusher = asyncio.ensure_future(self._flush())
+        # A writer takes its batch when it starts, so items queued until then join it.
+        while self._pending_size > self._max_items * self._starting and (
+            self._in_flight < self._max_in_flight
+        ):
+            self._in_flight += 1
+            self._starting += 1
+            writer = asyncio.ensure_future(self._write_next())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
 
-    async def _flush(self) -> None:
+    def _cut(self) -> tuple[list[T], list[asyncio.Future[None]]]:
+        pending, futures = self._pending, self._futures
+        size_of = self._size
+        items: list[T] = []
+        futs: list[asyncio.Future[None]] = []
+        size = 0
+        while pending and (not items or size < self._max_items):
+            item = pending.popleft()
+            fut = futures.popleft()
+            n = size_of(item)
+            self._pending_size -= n
+            if fut.done():  # its caller was cancelled before it was written: drop it
+                continue
+            size += n
+            items.append(item)
+            futs.append(fut)
+        return items, futs
+
+    async def _write_next(self) -> None:
+        self._starting -= 1
+        items, futs = self._cut()
         try:
-            while self._pending and self._in_flight < self._max_in_flight:
-                cut = size = 0
-                while cut < len(self._pending) and (cut == 0 or size < self._max_items):
-                    size += _size(self._pending[cut][0])
-                    cut += 1
-                batch = self._pending[:cut]
-                del self._pending[:cut]
-                self._in_flight += 1
+            if items:
                 try:
-                    await self._write([item for item, _ in batch])
+                    await self._write(items)
                 except Exception as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
+                    _resolve(futs, exc)
                 else:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_result(None)
-                finally:
-                    self._in_flight -= 1
-        except asyncio.CancelledError:
-            for _, fut in self._pending:  # the loop is shutting down: fail the rest
+                    _resolve(futs, None)
+        except asyncio.CancelledError:  # the loop is shutting down: fail this batch and the rest
+            for fut in (*futs, *self._futures):
                 if not fut.done():
                     fut.cancel()
             self._pending.clear()
+            self._futures.clear()
+            self._pending_size = 0
             raise
         finally:
-            self._flusher = None
-        self._kick()  # more came while the last write was in flight
+            self._in_flight -= 1
+        self._kick()  # more came while this write was in flight
 
     async def close(self) -> None:
-        """Wait for a background flush to end."""
-        while self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        """Wait for the writes under way to end."""
+        while self._writers:
+            await asyncio.gather(*self._writers, return_exceptions=True)
+
+
+def _resolve(futures: list[asyncio.Future[None]], error: Exception | None) -> None:
+    """Tell each caller still waiting how its batch's write went."""
+    for fut in futures:
+        if not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
 
 
 def _size(item: Any) -> int:

@@ -9,6 +9,7 @@ and compare them cheaply; `Task.created`/`started`/`finished` give `datetime` vi
 from __future__ import annotations
 
 import enum
+import os
 import uuid as uuid_module
 from datetime import datetime, timezone
 from typing import Any
@@ -41,9 +42,24 @@ class TaskStatusEnum(str, enum.Enum):
 _FINAL = frozenset({TaskStatusEnum.SUCCESS, TaskStatusEnum.ERROR, TaskStatusEnum.CANCEL})
 
 
+_UUID_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
+_UUID_V4 = (0x8000 << 48) | (4 << 76)
+_SAFE_UNKNOWN = uuid_module.SafeUUID.unknown
+_new_object = object.__new__
+_set_slot = object.__setattr__
+
+
 def new_uuid() -> uuid_module.UUID:
-    """A fresh random task id."""
-    return uuid_module.uuid4()
+    """A fresh random task id: what `uuid.uuid4()` returns, at half its cost per task.
+
+    16 bytes from os.urandom with the version-4 and RFC 4122 variant bits set, in a plain
+    `uuid.UUID`, built without `UUID.__init__`'s argument parsing (a bulk enqueue's
+    largest single cost).
+    """
+    u = _new_object(uuid_module.UUID)
+    _set_slot(u, "int", (int.from_bytes(os.urandom(16), "big") & _UUID_CLEAR) | _UUID_V4)
+    _set_slot(u, "is_safe", _SAFE_UNKNOWN)
+    return u
 
 
 class TaskMessage(msgspec.Struct, kw_only=True, omit_defaults=True):

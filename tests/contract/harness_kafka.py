@@ -15,7 +15,7 @@ from pathlib import Path
 from qtasks.config import QueueConfig
 from qtasks.interfaces import Broker, GlobalConfig, Storage
 
-from ..kafka_server import kafka_url
+from ..kafka_server import crash_member, kafka_url
 from .conftest import Harness
 
 SUITE_QUEUES = "q,a,b,other"
@@ -44,21 +44,11 @@ class KafkaHarness(Harness):
         return first  # one consumer per partition: a second member would just wait
 
     async def kill(self, broker: Broker, config: QueueConfig) -> Broker:
-        import asyncio
 
         from qtasks.brokers.kafka import KafkaBroker
 
         assert isinstance(broker, KafkaBroker)
-        # Vanish without committing what it held; the member leaves the group, so the
-        # successor does not wait a session timeout (integration tests kill for real).
-        poller, broker._poller = broker._poller, None
-        assert poller is not None
-        poller.cancel()
-        await asyncio.gather(poller, return_exceptions=True)
-        broker._owned.clear()
-        consumer, broker._consumer = broker._consumer, None
-        assert consumer is not None
-        await consumer.stop()
+        await crash_member(broker)  # vanish without committing what it held
         return self.broker(config)
 
     @property

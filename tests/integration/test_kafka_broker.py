@@ -28,7 +28,7 @@ from qtasks.interfaces import Delivery
 from qtasks.message import Envelope
 from qtasks.runtime.worker import Worker
 
-from ..kafka_server import kafka_url
+from ..kafka_server import crash_member, kafka_url
 
 pytestmark = pytest.mark.kafka
 
@@ -71,18 +71,7 @@ async def take_all(broker: KafkaBroker, count: int, timeout: float = 20.0) -> li
     return got
 
 
-async def crash(broker: KafkaBroker) -> None:
-    """What a killed process does to the group: it stops polling, commits nothing more,
-    writes nothing more, and its partitions go to the others (it leaves at once here,
-    so the survivor does not wait a session timeout)."""
-    poller, broker._poller = broker._poller, None
-    assert poller is not None
-    poller.cancel()
-    await asyncio.gather(poller, return_exceptions=True)
-    broker._owned.clear()
-    consumer, broker._consumer = broker._consumer, None
-    assert consumer is not None
-    await consumer.stop()
+crash = crash_member
 
 
 def test_url_parameters_and_names() -> None:

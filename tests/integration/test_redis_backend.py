@@ -22,6 +22,7 @@ import redis.asyncio
 from qtasks import QueueConfig, TaskCall, TaskStatusEnum
 from qtasks import _redis as redis_link
 from qtasks.asyncio import QueueTasks
+from qtasks.brokers import redis as redis_broker_module
 from qtasks.brokers.redis import RedisBroker
 from qtasks.errors import BrokerError, ConfigurationError, StorageError
 from qtasks.global_configs.redis import RedisGlobalConfig
@@ -114,7 +115,7 @@ def count_runs(link: redis_link.RedisLink) -> Callable[[], list[list[Any]]]:
     original = link.run
 
     async def run(commands: Any, **kwargs: Any) -> list[Any]:
-        calls.append([c[0] for c in commands])
+        calls.append([c.name if isinstance(c, redis_link.Packed) else c[0] for c in commands])
         return await original(commands, **kwargs)
 
     link.run = run  # type: ignore[method-assign]
@@ -311,6 +312,37 @@ async def test_enqueue_is_one_round_trip_and_idempotent(make: Callable[..., Any]
     assert await storage.get(str(message.uuid)) == record
     assert [d.body for d in await broker.fetch(["q"], 10, 0.5)] == [b"once"]
     assert await broker.fetch(["q"], 10, 0.05) == []
+
+
+async def test_enqueue_wire_format_edge_cases(make: Callable[..., Any]) -> None:
+    """ENQUEUE's arguments are built as RESP by hand: lengths are bytes, bodies are opaque."""
+    broker = await make(RedisBroker)
+    storage = await make(RedisStorage)
+    queue = "émails-ü"  # non-ASCII: its RESP length counts bytes, not characters
+    body = b"\r\n$3\r\nbad\r\n*1\r\n\x00\xff"  # RESP framing inside a body is just data
+    message = TaskMessage(uuid=new_uuid(), name="job", created_at=time.time())
+    alone = TaskMessage(uuid=new_uuid(), name="job", created_at=time.time())
+    envelope = Envelope(str(message.uuid), queue, -7, None, message.created_at, body)
+    # A record without a message is stored (replacing any), and enqueues nothing.
+    await broker.enqueue(storage, [record_for(message), record_for(alone)], [envelope])
+    assert await storage.get(str(alone.uuid)) == record_for(alone)
+    assert await storage.get(str(message.uuid)) == record_for(message)
+    (delivery,) = await broker.fetch([queue], 10, 1.0)
+    assert (delivery.body, delivery.priority, delivery.queue) == (body, -7, queue)
+    await broker.ack([delivery])
+
+    # publish() of more than one script call's worth is split, and all of it arrives.
+    now = time.time()
+    many = [
+        Envelope(str(new_uuid()), "bulk", i % 3, None, now + i * 1e-6, b"%d" % i)
+        for i in range(redis_broker_module.MAX_BATCH * 2 + 5)
+    ]
+    calls = count_runs(broker.link)
+    await broker.publish(many)
+    assert len(calls()) <= 3
+    assert (await broker.queue_sizes(["bulk"]))["bulk"] == len(many)
+    first = await broker.fetch(["bulk"], 3, 1.0)
+    assert [d.body for d in first] == [b"0", b"3", b"6"], "priority, then age"
 
 
 async def test_settle_stores_records_and_acks_in_one_round_trip(make: Callable[..., Any]) -> None:
