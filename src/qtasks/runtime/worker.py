@@ -12,6 +12,12 @@ creating an asyncio task per message. The writer batches whatever finished while
 previous write was in flight, so acks and result writes cost one round trip per batch,
 and a message is acked only after its record is stored (at-least-once).
 
+A message handed out again after its worker died (delivery_count > 1) runs alone: the
+fetcher gives the rest of its batch back uncounted, waits until the worker holds no other
+claim, and then claims one message at a time until a fresh one comes (see ALONE_SECONDS).
+So a task that kills its worker takes its neighbours down at most once, and only it
+reaches max_deliveries. A redelivery whose attempt already succeeded is acked unrun.
+
 The worker fires the worker_*, broker_fetch/ack, storage_save and
 global_config_register_worker triggers, starts the plugins of the `worker` and
 `task_executor` components and the tasks' own plugins, and owns the `worker` dependency
