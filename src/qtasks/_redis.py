@@ -36,8 +36,10 @@ Why it looks like this:
   after ASKING; a script never is (it touches keys it does not declare, which that node
   would create beside the ones still to move: the migration then fails with BUSYKEY), so
   it waits with backoff, like any command told TRYAGAIN, until the migration ends (up to
-  CLUSTER_WAIT_SECONDS). Pub/sub follows the slot too: the old master unsubscribes its
-  channels when it gives the slot away. This replaces
+  CLUSTER_WAIT_SECONDS). A script stopped at a moved key has written nothing, since every
+  writing script touches its keys first (`TOUCH`), so running it again is safe. Pub/sub
+  follows the slot too: the old master unsubscribes its channels when it gives the slot
+  away. This replaces
   redis-py's cluster client: all of one app's commands go to one node anyway, and the
   single-node code path stays the fast one. The trade-off: one app lives on one master;
   several apps spread over the cluster.
@@ -308,6 +310,47 @@ Command = Sequence[Any] | Packed
 def bulk(value: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+TOUCH = """
+-- On a Cluster whose slot is migrating, any command on a key that moved already (or does
+-- not exist) fails, and Lua has no rollback: a writing script touches every key it will
+-- use before its first write, so it stops with nothing written and is run again once
+-- the migration is over. Nothing moves while a script runs, so a touched key stays
+-- until the script itself empties it: a key a script may empty gets one deleting call,
+-- its last. Keys in KEYS need no touch: the server checks them before the script runs.
+local function touch(keys)
+  for i = 1, #keys, 1000 do
+    redis.call('EXISTS', unpack(keys, i, math.min(i + 999, #keys)))
+  end
+end
+local function add_key(keys, seen, key)
+  if not seen[key] then
+    seen[key] = true
+    keys[#keys + 1] = key
+  end
+end
+-- In chunks (unpack's limit), so the command must leave the key non-empty until the
+-- last chunk: every member given must be present (see `present`).
+local function in_chunks(cmd, key, members)
+  for i = 1, #members, 1000 do
+    redis.call(cmd, key, unpack(members, i, math.min(i + 999, #members)))
+  end
+end
+-- The fields of `ids` (unique) that the hash holds.
+local function present(key, ids)
+  local out = {}
+  for i = 1, #ids, 1000 do
+    local part = {unpack(ids, i, math.min(i + 999, #ids))}
+    local got = redis.call('HMGET', key, unpack(part))
+    for j = 1, #part do
+      if got[j] then out[#out + 1] = part[j] end
+    end
+  end
+  return out
+end
+"""
+"""Lua helpers of the writing scripts: all-or-nothing while the slot migrates."""
 
 
 def script(name: str, source: str) -> Script:

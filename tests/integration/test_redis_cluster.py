@@ -26,8 +26,8 @@ import redis
 
 from qtasks import TaskStatusEnum
 from qtasks import _redis as redis_link
-from qtasks.brokers.redis import RedisBroker
-from qtasks.message import Task, TaskMessage, new_uuid, record_for
+from qtasks.brokers.redis import RedisBroker, message_id
+from qtasks.message import DeadLetter, Envelope, Task, TaskMessage, new_uuid, record_for
 from qtasks.storages.redis import RedisStorage
 from tests.contract.conftest import (  # noqa: F401 - fixtures the suites below use
     Harness,
@@ -580,3 +580,82 @@ def _save_elsewhere(url: str, namespace: str, task: Task) -> None:
             await other.stop()
 
     asyncio.run(save())
+
+
+def _dump_keys(shard: Resharder, node: str) -> dict[bytes, bytes]:
+    client = shard.clients[node]
+    return {k: client.dump(k) for k in shard.keys_on(node)}  # type: ignore[misc]
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("moved", ["ready", "wake"])
+@pytest.mark.parametrize("operation", ["requeue", "release", "enqueue", "dead_letter"])
+async def test_a_script_meeting_a_moved_key_writes_nothing_until_the_migration_ends(
+    cluster_url: str, operation: str, moved: str
+) -> None:
+    # Regression: a script wrote, then met a key already migrated ("non local key"): Lua
+    # keeps the writes, so REQUEUE/RELEASE had taken the message out of the in-flight hash
+    # and ENQUEUE had stored its body, and the retry found nothing left to do: lost.
+    # Now every script touches its keys before its first write.
+    ns = f"touch-{uuid.uuid4().hex[:8]}"
+    part = RedisBroker(cluster_url, namespace=ns)
+    await part.start()
+    shard = None
+    try:
+        k = part.keys
+        now = time.time()
+        first = Envelope(str(new_uuid()), "q", 0, None, now, b"first")
+        second = Envelope(str(new_uuid()), "q", 1, None, now, b"second")
+        await part.publish([first, second])
+        claimed, other = await part.fetch(["q"], 2, 1.0)
+        assert claimed.body == b"first"
+        # Deferred with its count kept: the counts hash (a declared key) exists, so the
+        # scripts run on the source rather than being turned away up front.
+        second = Envelope(second.uuid, "q", 1, None, time.time(), b"second", deliveries=1)
+        await part.requeue([(other, second)])
+        shard = Resharder(cluster_url, ns)
+        await asyncio.to_thread(shard.begin)
+        # One key the scripts write late moves; the others they write are on the source.
+        key = k.ready("q") if moved == "ready" else k.wake("q")
+        await asyncio.to_thread(shard.move_keys, [key.encode()])
+        before = await asyncio.to_thread(_dump_keys, shard, shard.source)
+        third = Envelope(str(new_uuid()), "q", 0, None, now, b"third")
+        again = Envelope(first.uuid, "q", 0, None, time.time(), b"again")
+        if operation == "requeue":
+            running = asyncio.ensure_future(part.requeue([(claimed, again)]))
+            expected = {message_id(again): b"again", message_id(second): b"second"}
+        elif operation == "release":
+            running = asyncio.ensure_future(part.release([claimed]))
+            expected = {message_id(first): b"first", message_id(second): b"second"}
+        elif operation == "dead_letter":
+            # Its dead-letter keys exist nowhere yet: written late, they stop it too.
+            letter = DeadLetter(
+                uuid=first.uuid, queue="q", reason="failed", body=b"first", dead_at=time.time()
+            )
+            running = asyncio.ensure_future(part.dead_letter([(claimed, letter)]))
+            expected = {message_id(second): b"second"}
+        else:
+            running = asyncio.ensure_future(part.publish([third]))
+            expected = {message_id(second): b"second", message_id(third): b"third"}
+        await asyncio.sleep(0.6)
+        assert not running.done(), "it waits for the migration"
+        assert await asyncio.to_thread(_dump_keys, shard, shard.source) == before
+        await asyncio.to_thread(shard.move)
+        await asyncio.to_thread(shard.finish)
+        await asyncio.wait_for(running, 10)
+        ready = await part.link.call("ZRANGE", k.ready("q"), 0, -1)
+        assert sorted(ready) == sorted(m.encode() for m in expected), "each once, none lost"
+        bodies = await part.link.call("HMGET", k.bodies, *expected)
+        assert bodies == list(expected.values())
+        inflight = await part.link.call("HGETALL", k.inflight(part.consumer_id))
+        assert len(inflight) == (2 if operation == "enqueue" else 0)
+        assert not await part.link.call("HEXISTS", k.counts, message_id(first))
+        letters = await part.dead_letters(["q"])
+        assert [d.uuid for d in letters] == ([first.uuid] if operation == "dead_letter" else [])
+    finally:
+        await part.stop()
+        if shard is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(shard.complete)
+            shard.close()
+        await delete_namespace(cluster_url, ns)

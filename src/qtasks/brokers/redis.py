@@ -41,6 +41,12 @@ tag; every change is one Lua script, so it is atomic and one round trip):
   storage is a RedisStorage on the same link; concurrent calls are coalesced into few
   script calls (automatic pipelining, `qtasks._redis.Batcher`). A record that exists
   already marks a retried enqueue, whose message is not enqueued twice.
+* On a Redis Cluster whose slot is being migrated, every writing script is all-or-nothing:
+  it reads what it needs and touches (`EXISTS`) every key it will write before its first
+  write, and a key it may empty gets one deleting call, its last (`qtasks._redis.TOUCH`).
+  A key that moved already stops the script there, with nothing written, and the link
+  runs it again once the migration is over; Lua has no rollback, so a script stopped
+  half way could have taken a message out of one structure and not put it in the next.
 * Redis errors are raised as `BrokerError` naming the URL without its password. Idempotent
   calls (enqueue, ack, release, requeue) are retried on connection errors with backoff
   (about 1.5 s); a failed fetch is retried by the worker's fetch loop, so a worker resumes
@@ -75,6 +81,7 @@ from qtasks._redis import (
     BLOCKING_READ_MARGIN_SECONDS,
     DEFAULT_NAMESPACE,
     DEFAULT_URL,
+    TOUCH,
     Batcher,
     Packed,
     RedisComponent,
@@ -109,7 +116,9 @@ MAX_BATCH = 1000
 """Most messages one script call handles (Lua's unpack() limit is a few thousand)."""
 WAKE_TOKENS_MAX = 128
 
-_WAKE = """
+_WAKE = (
+    TOUCH
+    + """
 local function wake(key, count)
   local room = WAKE_TOKENS_MAX - redis.call('LLEN', key)
   if room <= 0 then return end
@@ -123,6 +132,7 @@ local function now()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 """.replace("WAKE_TOKENS_MAX", str(WAKE_TOKENS_MAX))
+)
 
 ENQUEUE = script(
     "enqueue",
@@ -136,6 +146,21 @@ ENQUEUE = script(
 -- written by one HSET and one ZADD per queue (a call costs more than the work it does).
 local t = false  -- Redis's clock, read only if a message is delayed
 local rp = ARGV[2]
+local keys, seen, recs = {}, {}, {}
+for i = 3, #ARGV, 6 do
+  local q, mid, rec = ARGV[i], ARGV[i + 2], ARGV[i + 5]
+  if rec ~= '' then
+    local key = q == '' and rp .. mid or rp .. string.sub(mid, string.find(mid, ':', 1, true) + 1)
+    recs[i] = key
+    keys[#keys + 1] = key
+  end
+  if rec == '' or q ~= '' then
+    local delay = tonumber(ARGV[i + 3])
+    add_key(keys, seen, ARGV[1] .. (delay and delay > 0 and 'delayed:' or 'ready:') .. q)
+    add_key(keys, seen, ARGV[1] .. 'wake:' .. q)
+  end
+end
+touch(keys)
 local bodies, nb = {}, 0
 local ready, delayed, added = {}, {}, {}
 local n = 0
@@ -145,10 +170,10 @@ for i = 3, #ARGV, 6 do
   if rec == '' then
     fresh = redis.call('HSETNX', KEYS[1], mid, ARGV[i + 4]) == 1
   elseif q == '' then
-    redis.call('SET', rp .. mid, rec)
+    redis.call('SET', recs[i], rec)
     fresh = false
   else
-    fresh = redis.call('SET', rp .. string.sub(mid, string.find(mid, ':', 1, true) + 1), rec, 'NX')
+    fresh = redis.call('SET', recs[i], rec, 'NX')
     if fresh then
       bodies[nb + 1] = mid
       bodies[nb + 2] = ARGV[i + 4]
@@ -283,25 +308,37 @@ _SETTLE = """
 -- Ends claims for good (ack, dead_letter). KEYS[1] my inflight, KEYS[2] bodies,
 -- KEYS[3] counts; ARGV[1] key prefix; from ARGV[first], `step` per message: id, queue, ...
 -- Returns the ARGV index of each message settled here; a message another consumer holds
--- now (swept and taken again) is left alone.
-local function settle(first, step)
+-- now (swept and taken again) is left alone. `more(at)`, if given, lists the keys the
+-- caller writes afterwards: touched before the first write, with the rest read.
+local function settle(first, step, more)
   local mids = {}
   for i = first, #ARGV, step do mids[#mids + 1] = ARGV[i] end
   local held = redis.call('HMGET', KEYS[1], unpack(mids))
-  redis.call('HDEL', KEYS[1], unpack(mids))
-  local gone, at = {}, {}
+  local gone, at, swept, taken, ready = {}, {}, {}, {}, {}
   for j = 1, #mids do
     local i = first + step * (j - 1)
+    local mid = mids[j]
     if held[j] then
-      gone[#gone + 1] = mids[j]
+      gone[#gone + 1] = mid
       at[#at + 1] = i
-    elseif redis.call('ZREM', ARGV[1] .. 'ready:' .. ARGV[i + 1], mids[j]) == 1 then
-      -- a sweep had given it back and nobody took it yet: settled all the same
-      gone[#gone + 1] = mids[j]
-      at[#at + 1] = i
-      redis.call('HDEL', KEYS[3], mids[j])
+    elseif not taken[mid] then
+      local r = ARGV[1] .. 'ready:' .. ARGV[i + 1]
+      if redis.call('ZSCORE', r, mid) then
+        -- a sweep had given it back and nobody took it yet: settled all the same
+        taken[mid] = true
+        local l = ready[r]
+        if not l then l = {}; ready[r] = l end
+        l[#l + 1] = mid
+        swept[#swept + 1] = mid
+        gone[#gone + 1] = mid
+        at[#at + 1] = i
+      end
     end
   end
+  if more then touch(more(at)) end
+  redis.call('HDEL', KEYS[1], unpack(mids))
+  for r, l in pairs(ready) do redis.call('ZREM', r, unpack(l)) end
+  if #swept > 0 then redis.call('HDEL', KEYS[3], unpack(swept)) end
   if #gone > 0 then redis.call('HDEL', KEYS[2], unpack(gone)) end
   return at
 end
@@ -309,7 +346,8 @@ end
 
 ACK = script(
     "ack",
-    _SETTLE
+    TOUCH
+    + _SETTLE
     + """
 -- ARGV[1] key prefix, then 2 per message: id, queue
 return #settle(2, 2)
@@ -318,13 +356,21 @@ return #settle(2, 2)
 
 DEAD_LETTER = script(
     "dead_letter",
-    _SETTLE
+    TOUCH
+    + _SETTLE
     + """
 -- ARGV[1] key prefix, ARGV[2] expiry cutoff (dead_at), ARGV[3] TTL in ms ('' = keep
 -- until dropped), then 5 per message: id, queue, uuid, dead_at, packed DeadLetter.
 -- The message leaves its consumer and the queue and becomes its queue's dead letter; each
 -- written queue's letters older than the cutoff are trimmed and its keys' TTL refreshed.
-local at = settle(4, 5)
+local at = settle(4, 5, function(at)
+  local keys, seen = {}, {}
+  for _, i in ipairs(at) do
+    add_key(keys, seen, ARGV[1] .. 'dead:' .. ARGV[i + 1])
+    add_key(keys, seen, ARGV[1] .. 'dead_at:' .. ARGV[i + 1])
+  end
+  return keys
+end)
 local touched = {}
 for _, i in ipairs(at) do
   local q = ARGV[i + 1]
@@ -382,7 +428,8 @@ return out
 
 DROP_DEAD_LETTERS = script(
     "drop_dead_letters",
-    """
+    TOUCH
+    + """
 -- Queue i: KEYS[2i-1] dead letters, KEYS[2i] their ages; ARGV[1] cutoff (dead_at; older
 -- ones are expired, dropped but not reported), ARGV[2] newest dead_at to drop ('+inf':
 -- any), ARGV[3..] uuids (none: every letter). Returns the uuids dropped.
@@ -391,14 +438,17 @@ local newest = tonumber(ARGV[2]) or math.huge
 local out = {}
 for i = 1, #KEYS, 2 do
   if #ARGV > 2 then
+    local drop, taken = {}, {}
     for a = 3, #ARGV do
-      local score = redis.call('ZSCORE', KEYS[i + 1], ARGV[a])
+      local score = not taken[ARGV[a]] and redis.call('ZSCORE', KEYS[i + 1], ARGV[a])
       if score and tonumber(score) <= newest then
-        redis.call('ZREM', KEYS[i + 1], ARGV[a])
-        redis.call('HDEL', KEYS[i], ARGV[a])
+        taken[ARGV[a]] = true
+        drop[#drop + 1] = ARGV[a]
         if tonumber(score) >= cutoff then out[#out + 1] = ARGV[a] end
       end
     end
+    in_chunks('ZREM', KEYS[i + 1], drop)
+    in_chunks('HDEL', KEYS[i], drop)
   elseif ARGV[2] == '+inf' then
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], ARGV[1], '+inf')) do
       out[#out + 1] = id
@@ -408,10 +458,9 @@ for i = 1, #KEYS, 2 do
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], ARGV[1], ARGV[2])) do
       out[#out + 1] = id
     end
-    for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i + 1], '-inf', ARGV[2])) do
-      redis.call('ZREM', KEYS[i + 1], id)
-      redis.call('HDEL', KEYS[i], id)
-    end
+    local drop = redis.call('ZRANGEBYSCORE', KEYS[i + 1], '-inf', ARGV[2])
+    in_chunks('ZREM', KEYS[i + 1], drop)
+    in_chunks('HDEL', KEYS[i], drop)
   end
 end
 return out
@@ -426,17 +475,24 @@ RELEASE = script(
 local mids = {}
 for i = 2, #ARGV do mids[#mids + 1] = ARGV[i] end
 local held = redis.call('HMGET', KEYS[1], unpack(mids))
-local woken, n = {}, 0
+local back, keys, seen = {}, {}, {}
 for j = 1, #mids do
   local v = held[j]
   if v then
     local c, p, q = string.match(v, '^(%d+):([^:]*):(.*)$')
-    redis.call('ZADD', ARGV[1] .. 'ready:' .. q, p, mids[j])
-    c = tonumber(c) - 1
-    if c > 0 then redis.call('HSET', KEYS[2], mids[j], c) end
-    woken[q] = (woken[q] or 0) + 1
-    n = n + 1
+    back[#back + 1] = {mids[j], p, q, tonumber(c) - 1}
+    add_key(keys, seen, ARGV[1] .. 'ready:' .. q)
+    add_key(keys, seen, ARGV[1] .. 'wake:' .. q)
   end
+end
+touch(keys)
+local woken, n = {}, 0
+for _, b in ipairs(back) do
+  local q = b[3]
+  redis.call('ZADD', ARGV[1] .. 'ready:' .. q, b[2], b[1])
+  if b[4] > 0 then redis.call('HSET', KEYS[2], b[1], b[4]) end
+  woken[q] = (woken[q] or 0) + 1
+  n = n + 1
 end
 redis.call('HDEL', KEYS[1], unpack(mids))
 for q, count in pairs(woken) do wake(ARGV[1] .. 'wake:' .. q, count) end
@@ -451,34 +507,76 @@ REQUEUE = script(
 -- KEYS[1] my inflight, KEYS[2] bodies, KEYS[3] counts; ARGV[1] key prefix, then 8 per
 -- message: old id, old queue, new queue, priority, new id, delay ('' = due now), body,
 -- deliveries the new message starts with (0 for a retry, kept for a deferral)
+-- Old messages are found first (in flight here, or given back by a sweep and still
+-- ready), the new ones written next, the old ones removed last: one deleting call per
+-- key, after the writes that could re-create it (a new id may equal the old one).
 local t = now()
-local woken, n = {}, 0
-for i = 2, #ARGV, 8 do
-  local old, newq, mid = ARGV[i], ARGV[i + 2], ARGV[i + 4]
-  local found = false
-  if redis.call('HDEL', KEYS[1], old) == 1 then
-    found = true
-  elseif redis.call('ZREM', ARGV[1] .. 'ready:' .. ARGV[i + 1], old) == 1 then
-    found = true
-  end
-  if found then
-    redis.call('HDEL', KEYS[2], old)
-    redis.call('HDEL', KEYS[3], old)
-    redis.call('HSET', KEYS[2], mid, ARGV[i + 6])
-    local c = tonumber(ARGV[i + 7]) or 0
-    if c > 0 then redis.call('HSET', KEYS[3], mid, c) end
-    local delay = tonumber(ARGV[i + 5])
-    if delay and delay > 0 then
-      redis.call('ZADD', ARGV[1] .. 'delayed:' .. newq, t + delay, ARGV[i + 3] .. ':' .. mid)
-    else
-      redis.call('ZADD', ARGV[1] .. 'ready:' .. newq, ARGV[i + 3], mid)
+local olds = {}
+for i = 2, #ARGV, 8 do olds[#olds + 1] = ARGV[i] end
+local held = redis.call('HMGET', KEYS[1], unpack(olds))
+local found, taken, unheld, unready = {}, {}, {}, {}
+local keys, seen = {}, {}
+for j = 1, #olds do
+  local i, old = 2 + 8 * (j - 1), olds[j]
+  if not taken[old] then
+    local r = ARGV[1] .. 'ready:' .. ARGV[i + 1]
+    if held[j] then
+      unheld[#unheld + 1] = old
+    elseif redis.call('ZSCORE', r, old) then
+      local l = unready[r]
+      if not l then l = {}; unready[r] = l end
+      l[old] = true
     end
-    woken[newq] = (woken[newq] or 0) + 1
-    n = n + 1
+    if held[j] or unready[r] and unready[r][old] then
+      taken[old] = true
+      found[#found + 1] = i
+      local delay, newq = tonumber(ARGV[i + 5]), ARGV[i + 2]
+      add_key(keys, seen, ARGV[1] .. (delay and delay > 0 and 'delayed:' or 'ready:') .. newq)
+      add_key(keys, seen, ARGV[1] .. 'wake:' .. newq)
+    end
   end
 end
+touch(keys)
+local woken, bodies, counts, newb, newc = {}, {}, {}, {}, {}
+for _, i in ipairs(found) do
+  local newq, mid = ARGV[i + 2], ARGV[i + 4]
+  bodies[#bodies + 1] = mid
+  bodies[#bodies + 1] = ARGV[i + 6]
+  newb[mid] = true
+  local c = tonumber(ARGV[i + 7]) or 0
+  if c > 0 then
+    counts[#counts + 1] = mid
+    counts[#counts + 1] = c
+    newc[mid] = true
+  end
+  local delay = tonumber(ARGV[i + 5])
+  if delay and delay > 0 then
+    redis.call('ZADD', ARGV[1] .. 'delayed:' .. newq, t + delay, ARGV[i + 3] .. ':' .. mid)
+  else
+    local r = ARGV[1] .. 'ready:' .. newq
+    redis.call('ZADD', r, ARGV[i + 3], mid)
+    if unready[r] then unready[r][mid] = nil end
+  end
+  woken[newq] = (woken[newq] or 0) + 1
+end
+if #bodies > 0 then redis.call('HSET', KEYS[2], unpack(bodies)) end
+if #counts > 0 then redis.call('HSET', KEYS[3], unpack(counts)) end
+if #unheld > 0 then redis.call('HDEL', KEYS[1], unpack(unheld)) end
+for r, set in pairs(unready) do
+  local l = {}
+  for old in pairs(set) do l[#l + 1] = old end
+  if #l > 0 then redis.call('ZREM', r, unpack(l)) end
+end
+local gone, nc = {}, {}
+for _, i in ipairs(found) do
+  local old = ARGV[i]
+  if not newb[old] then gone[#gone + 1] = old end
+  if not newc[old] then nc[#nc + 1] = old end
+end
+if #gone > 0 then redis.call('HDEL', KEYS[2], unpack(gone)) end
+if #nc > 0 then redis.call('HDEL', KEYS[3], unpack(nc)) end
 for q, count in pairs(woken) do wake(ARGV[1] .. 'wake:' .. q, count) end
-return n
+return #found
 """,
 )
 
@@ -489,6 +587,13 @@ GIVE_BACK = script(
 -- KEYS[1] consumers, KEYS[2] my inflight, KEYS[3] counts, KEYS[4] my wakeup list;
 -- ARGV[1] key prefix, ARGV[2] consumer id. Claims go back as if never delivered.
 local items = redis.call('HGETALL', KEYS[2])
+local keys, seen = {}, {}
+for j = 2, #items, 2 do
+  local q = string.match(items[j], '^%d+:[^:]*:(.*)$')
+  add_key(keys, seen, ARGV[1] .. 'ready:' .. q)
+  add_key(keys, seen, ARGV[1] .. 'wake:' .. q)
+end
+touch(keys)
 local woken, n = {}, 0
 for j = 1, #items, 2 do
   local mid = items[j]
@@ -514,10 +619,22 @@ SWEEP = script(
 -- Claims of silent consumers go back, their delivery counts kept. Returns {consumers, messages}.
 local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now() - tonumber(ARGV[2]),
                         'LIMIT', 0, 100)
+-- Every in-flight hash is read before the first write: their queues are the keys to touch.
+local claims, keys, seen = {}, {}, {}
+for d, id in ipairs(dead) do
+  local items = redis.call('HGETALL', ARGV[1] .. 'inflight:' .. id)
+  claims[d] = items
+  for j = 2, #items, 2 do
+    local q = string.match(items[j], '^%d+:[^:]*:(.*)$')
+    add_key(keys, seen, ARGV[1] .. 'ready:' .. q)
+    add_key(keys, seen, ARGV[1] .. 'wake:' .. q)
+  end
+  keys[#keys + 1] = ARGV[1] .. 'wakeup:' .. id
+end
+touch(keys)
 local woken, n = {}, 0
-for _, id in ipairs(dead) do
-  local key = ARGV[1] .. 'inflight:' .. id
-  local items = redis.call('HGETALL', key)
+for d, id in ipairs(dead) do
+  local items = claims[d]
   for j = 1, #items, 2 do
     local mid = items[j]
     local c, p, q = string.match(items[j + 1], '^(%d+):([^:]*):(.*)$')
@@ -526,9 +643,9 @@ for _, id in ipairs(dead) do
     woken[q] = (woken[q] or 0) + 1
     n = n + 1
   end
-  redis.call('DEL', key, ARGV[1] .. 'wakeup:' .. id)
-  redis.call('ZREM', KEYS[1], id)
+  redis.call('DEL', ARGV[1] .. 'inflight:' .. id, ARGV[1] .. 'wakeup:' .. id)
 end
+if #dead > 0 then redis.call('ZREM', KEYS[1], unpack(dead)) end
 for q, count in pairs(woken) do wake(ARGV[1] .. 'wake:' .. q, count) end
 return {#dead, n}
 """,
@@ -603,61 +720,85 @@ return out
 
 PURGE = script(
     "purge",
-    """
+    TOUCH
+    + """
 -- ARGV[1] key prefix, ARGV[2..] queues. Drops their ready and delayed messages (claimed
 -- ones stay with their workers); returns the message ids dropped.
-local out = {}
+local out, keys, seen = {}, {}, {}
 for i = 2, #ARGV do
   local q = ARGV[i]
   local ready, delayed = ARGV[1] .. 'ready:' .. q, ARGV[1] .. 'delayed:' .. q
-  for _, id in ipairs(redis.call('ZRANGE', ready, 0, -1)) do out[#out + 1] = id end
-  for _, m in ipairs(redis.call('ZRANGE', delayed, 0, -1)) do
-    out[#out + 1] = string.match(m, '^[^:]*:(.*)$')
+  if not seen[ready] then
+    for _, id in ipairs(redis.call('ZRANGE', ready, 0, -1)) do out[#out + 1] = id end
+    for _, m in ipairs(redis.call('ZRANGE', delayed, 0, -1)) do
+      out[#out + 1] = string.match(m, '^[^:]*:(.*)$')
+    end
+    add_key(keys, seen, ready)
+    add_key(keys, seen, delayed)
+    add_key(keys, seen, ARGV[1] .. 'wake:' .. q)
   end
-  redis.call('DEL', ready, delayed, ARGV[1] .. 'wake:' .. q)
 end
-for i = 1, #out, 1000 do
-  local part = {unpack(out, i, math.min(i + 999, #out))}
-  redis.call('HDEL', ARGV[1] .. 'bodies', unpack(part))
-  redis.call('HDEL', ARGV[1] .. 'counts', unpack(part))
+local bodies, counts = {}, {}
+if #out > 0 then
+  bodies = present(ARGV[1] .. 'bodies', out)
+  counts = present(ARGV[1] .. 'counts', out)
 end
+touch(keys)
+for _, key in ipairs(keys) do redis.call('DEL', key) end
+in_chunks('HDEL', ARGV[1] .. 'bodies', bodies)
+in_chunks('HDEL', ARGV[1] .. 'counts', counts)
 return out
 """,
 )
 
 DISCARD = script(
     "discard",
-    """
+    TOUCH
+    + """
 -- ARGV[1] key prefix, ARGV[2] how many queues (n), ARGV[3..n+2] queues, then message ids.
 -- Removes each id that is ready or delayed in one of the queues (not a claimed one);
 -- returns the ids removed.
+-- Everything is read first, then each key gets one deleting call (see TOUCH).
 local n = tonumber(ARGV[2])
-local out = {}
+local out, taken, drop, keys = {}, {}, {}, {}
+local function remove(key, member)
+  local l = drop[key]
+  if not l then l = {}; drop[key] = l; keys[#keys + 1] = key end
+  l[#l + 1] = member
+end
 for i = n + 3, #ARGV do
   local id = ARGV[i]
   for j = 3, n + 2 do
+    if taken[id] then break end
     local q = ARGV[j]
-    local gone = redis.call('ZREM', ARGV[1] .. 'ready:' .. q, id) == 1
-    if not gone then
+    local ready = ARGV[1] .. 'ready:' .. q
+    local gone = redis.call('ZSCORE', ready, id) ~= false
+    if gone then
+      remove(ready, id)
+    else
       local delayed = ARGV[1] .. 'delayed:' .. q
       local cursor = '0'
       repeat
         local page = redis.call('ZSCAN', delayed, cursor, 'MATCH', '*:' .. id, 'COUNT', 1000)
         cursor = page[1]
         for k = 1, #page[2], 2 do
-          redis.call('ZREM', delayed, page[2][k])
+          remove(delayed, page[2][k])
           gone = true
         end
       until cursor == '0' or gone
     end
     if gone then
-      redis.call('HDEL', ARGV[1] .. 'bodies', id)
-      redis.call('HDEL', ARGV[1] .. 'counts', id)
+      taken[id] = true
       out[#out + 1] = id
-      break
     end
   end
 end
+if #out == 0 then return out end
+local bodies = present(ARGV[1] .. 'bodies', out)
+local counts = present(ARGV[1] .. 'counts', out)
+for _, key in ipairs(keys) do in_chunks('ZREM', key, drop[key]) end
+in_chunks('HDEL', ARGV[1] .. 'bodies', bodies)
+in_chunks('HDEL', ARGV[1] .. 'counts', counts)
 return out
 """,
 )

@@ -46,6 +46,7 @@ from qtasks._redis import (
     BLOCKING_READ_MARGIN_SECONDS,
     DEFAULT_NAMESPACE,
     DEFAULT_URL,
+    TOUCH,
     RedisComponent,
     script,
 )
@@ -81,7 +82,8 @@ RECENT_PER_STATUS = 10_000
 
 SAVE = script(
     "save",
-    _LAST_SEQ
+    TOUCH
+    + _LAST_SEQ
     + """
 -- KEYS[1] the first record's key (routing); ARGV[1] record key prefix, ARGV[2] channel
 -- prefix, ARGV[3] PUBLISH or SPUBLISH, ARGV[4] step stream prefix, ARGV[5] status index
@@ -95,6 +97,23 @@ local moved_from = {
   process = {'retry'}, retry = {'process'}, success = {'process', 'retry'},
   error = {'process', 'retry'}, cancel = {'process', 'retry'},
 }
+-- Reads and touches come first; removals from the earlier statuses' sets come last,
+-- one call per set (see TOUCH).
+local keys, seen, leave, steps_kept = {}, {}, {}, {}
+for i = 9, #ARGV, 4 do
+  keys[#keys + 1] = ARGV[1] .. ARGV[i]
+  local status = ARGV[i + 2]
+  if status ~= 'new' then add_key(keys, seen, ARGV[5] .. status) end
+  for _, old in ipairs(moved_from[status] or {}) do
+    local index = ARGV[5] .. old
+    add_key(keys, seen, index)
+    local l = leave[index]
+    if not l then l = {}; leave[index] = l end
+    l[#l + 1] = ARGV[i]
+  end
+  if ARGV[i + 1] ~= '' then steps_kept[i] = redis.call('EXISTS', ARGV[4] .. ARGV[i]) == 1 end
+end
+touch(keys)
 local touched = {}
 for i = 9, #ARGV, 4 do
   local key, ttl, status = ARGV[1] .. ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -102,9 +121,6 @@ for i = 9, #ARGV, 4 do
     local index = ARGV[5] .. status
     redis.call('ZADD', index, ARGV[6], ARGV[i])
     touched[index] = true
-  end
-  for _, old in ipairs(moved_from[status] or {}) do
-    redis.call('ZREM', ARGV[5] .. old, ARGV[i])
   end
   local record = ARGV[i + 3]
   if ttl == '' or ttl == '0' then
@@ -115,7 +131,7 @@ for i = 9, #ARGV, 4 do
   if ttl ~= '' then
     redis.call(ARGV[3], ARGV[2] .. ARGV[i], record)
     local steps = ARGV[4] .. ARGV[i]
-    if redis.call('EXISTS', steps) == 1 then
+    if steps_kept[i] then
       -- The end mark wakes readers blocked on the stream; it lives as long as the record.
       redis.call('XADD', steps, '0-' .. (last_seq(steps) + 1), 'end', '1')
       if ttl == '0' then redis.call('PERSIST', steps) else redis.call('PEXPIRE', steps, ttl) end
@@ -125,6 +141,14 @@ end
 for index in pairs(touched) do
   redis.call('ZREMRANGEBYRANK', index, 0, -tonumber(ARGV[7]) - 1)
   if ARGV[8] == '' then redis.call('PERSIST', index) else redis.call('PEXPIRE', index, ARGV[8]) end
+end
+for index, uuids in pairs(leave) do
+  -- only the uuids the set holds: a chunk must not empty it before the next one
+  local held = {}
+  for _, u in ipairs(uuids) do
+    if not held[u] and redis.call('ZSCORE', index, u) then held[u] = true; held[#held + 1] = u end
+  end
+  in_chunks('ZREM', index, held)
 end
 return 1
 """,
