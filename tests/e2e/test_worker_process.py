@@ -148,3 +148,45 @@ def test_processes_option_runs_several_workers_and_stops_cleanly(
         assert supervisor.wait(timeout=30) == 0, supervisor.log()
     finally:
         app.close()
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_children_stop_when_the_supervisor_is_killed(
+    e2e_dir: Callable[..., Path], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Children run in their own session (so a Ctrl+C reaches them once, through the
+    supervisor): a SIGKILLed supervisor left them running for good, still consuming."""
+    folder = e2e_dir(grace=2.0)
+    app = producer_app(folder)
+    try:
+        supervisor = start_worker(folder, "--processes", "2")
+        record = app.add_task("square", 3)
+        assert app.wait(record.uuid, timeout=60).returning == 9
+        wait_for(lambda: len(_children(supervisor.pid)) == 2, 30, "two children")
+        children = _children(supervisor.pid)
+        supervisor.signal(signal.SIGKILL)
+        supervisor.wait(timeout=10)
+        wait_for(lambda: not any(_alive(c) for c in children), 15, "the children to stop")
+    finally:
+        app.close()

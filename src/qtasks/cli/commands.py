@@ -30,7 +30,7 @@ from qtasks.cli.operations import OperationError
 from qtasks.errors import ConfigurationError, QTasksError, UnknownTask
 from qtasks.logs import TEXT_FORMAT
 from qtasks.message import TaskStatusEnum
-from qtasks.runtime.supervisor import supervise
+from qtasks.runtime.supervisor import supervise, watch_supervisor
 
 if TYPE_CHECKING:
     from qtasks.app import AsyncQueueTasks
@@ -59,6 +59,7 @@ def run(args: RunArgs) -> int:
         worker_id=worker_id,
     )
     if one:
+        watch_supervisor()  # a child of `--processes N`: do not outlive the supervisor
         if args.metrics_port is not None:
             serve_metrics_for(core, args.metrics_host, args.metrics_port)
         asyncio.run(core.serve(concurrency=args.concurrency, queues=args.queues))

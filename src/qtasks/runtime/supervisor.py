@@ -14,7 +14,10 @@ module is imported anew in each). The supervisor:
   exits 0. SIGHUP (the terminal closed) stops the children like SIGTERM.
 
 Children run in their own session, so a Ctrl+C in the terminal reaches only the supervisor,
-which forwards it once; otherwise each child would get it twice and skip the drain.
+which forwards it once; otherwise each child would get it twice and skip the drain. Being
+in their own session, they would outlive a supervisor killed with SIGKILL (the OOM killer,
+`kill -9`, a process manager that signals only the main pid): so each child watches its
+supervisor (`watch_supervisor`) and stops itself, draining as on SIGTERM, once it is gone.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ log = logging.getLogger(__name__)
 
 ChildCommand = Callable[[int], Sequence[str]]
 """Builds the argv of child number `index` (0 to processes - 1)."""
+
+SUPERVISOR_PID_ENV = "QTASKS_SUPERVISOR_PID"
+"""Set in each child's environment: the pid of the supervisor it must not outlive."""
+WATCH_INTERVAL_SECONDS = 1.0
 
 EXIT_OK = 0
 EXIT_GAVE_UP = 1
@@ -205,8 +212,9 @@ class Supervisor:
     def _spawn(self, slot: _Slot) -> None:
         argv = list(self.command(slot.index))
         slot.restart_at = None
+        env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
         slot.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, start_new_session=self.new_session
+            argv, stdin=subprocess.DEVNULL, start_new_session=self.new_session, env=env
         )
         slot.started_at = time.monotonic()
         log.info("worker %d started (pid %d)", slot.index, slot.process.pid)
@@ -236,6 +244,24 @@ class Supervisor:
                 signal.signal(sig, old)
 
         return restore
+
+
+def watch_supervisor(interval: float = WATCH_INTERVAL_SECONDS) -> bool:
+    """In a supervised child: SIGTERM this process once the supervisor is gone; True if
+    watching. Polls the parent pid (portable; it changes when the parent dies)."""
+    raw = os.environ.pop(SUPERVISOR_PID_ENV, None)  # not inherited by the task's children
+    if not raw or not raw.isdigit():
+        return False
+    supervisor = int(raw)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(interval)
+        log.warning("the supervisor (pid %d) is gone; stopping this worker", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="qtasks-supervisor-watch", daemon=True).start()
+    return True
 
 
 def supervise(command: ChildCommand, processes: int) -> int:
