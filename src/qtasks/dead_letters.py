@@ -105,6 +105,7 @@ def _renewed(record: Task) -> Task:
     return msgspec.structs.replace(
         record,
         status=TaskStatusEnum.NEW,
+        attempts=0,  # the message goes out as attempt 0: the record says the same
         returning=None,
         error_type=None,
         error_message=None,

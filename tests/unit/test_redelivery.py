@@ -154,3 +154,32 @@ async def test_a_redelivered_task_whose_record_says_error_runs_again(
     assert runs == [1, 1]
     letters = await app.dead_letters(uuids=[str(record.uuid)])
     assert [x.reason for x in letters] == ["failed"]
+
+
+async def test_a_retried_dead_letter_redelivered_before_it_started_runs(
+    make_app: Callable[..., QueueTasks], run_until_idle: RunUntilIdle
+) -> None:
+    """A dead letter sent again keeps its uuid and starts at attempt 0, but its record kept
+    the old attempt count: a crash redelivery before it started was taken for a later
+    attempt that had run, and acked unrun (lost)."""
+    broker = Redelivering(set())
+    app = make_app(broker=broker)
+    runs: list[int] = []
+
+    @app.task(retry=2, retry_backoff=0.0)
+    def shaky() -> str:
+        runs.append(1)
+        if len(runs) <= 3:
+            raise RuntimeError("not yet")
+        return "ok"
+
+    record = await shaky.add_task()
+    await run_until_idle(app)
+    assert len(runs) == 3
+    await app.retry_dead_letters([record.uuid])
+    broker.names.add("shaky")  # the retried message comes as if its worker had died
+    await run_until_idle(app)
+    assert len(runs) == 4
+    final = await app.get(record.uuid)
+    assert final is not None
+    assert (final.status, final.returning) == (TaskStatusEnum.SUCCESS, "ok")

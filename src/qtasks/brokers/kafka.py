@@ -124,7 +124,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -885,20 +885,10 @@ class KafkaBroker(Broker):
             reader.assign(list(self._marks_read))
             await reader.seek_to_beginning(*self._marks_read)
         ends = await reader.end_offsets(list(tps))
-        pending = {tp for tp in tps if ends.get(tp, 0) > 0}
-        while True:
-            for tp in list(pending):
-                # As for dead letters: a short ListOffsets answer (tansu) is fine, the
-                # batch holding the end offset comes whole.
-                if await reader.position(tp) >= ends[tp]:
-                    pending.discard(tp)
-            if not pending:
-                return
-            batches = await reader.getmany(*pending, timeout_ms=_POLL_MS)
-            for records in batches.values():
-                for record in records:
-                    if record.key is not None:
-                        self._marks[bytes(record.key)] = bytes(record.value or b"")
+        async for _, records in _read_to_ends(reader, ends):
+            for record in records:
+                if record.key is not None:
+                    self._marks[bytes(record.key)] = bytes(record.value or b"")
 
     async def _start_marks_producer(self) -> None:
         """The producer of handed marks: a fetch waits for its ack, so no linger (the
@@ -1549,31 +1539,20 @@ class KafkaBroker(Broker):
                 consumer.assign(list(pending))
                 await consumer.seek_to_beginning(*pending)
             deadline = time.monotonic() + _DEAD_SCAN_SECONDS
-            while True:
-                for tp in list(pending):
-                    # The batch that holds the end offset comes whole, so a server answering
-                    # ListOffsets short (tansu: the last batch's first offset + 1) is fine.
-                    if await consumer.position(tp) >= ends[tp]:
-                        pending.discard(tp)
-                if not pending:
-                    break
-                if time.monotonic() > deadline:
-                    raise BrokerError(f"reading Kafka dead letters took over {_DEAD_SCAN_SECONDS}s")
-                batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
-                for tp, records in batches.items():
-                    letters = out[by_topic[tp.topic]]
-                    for record in records:
-                        # By key, as compaction keeps them: the last record of a key wins.
-                        key = bytes(record.key or b"").decode(errors="replace")
-                        if not record.value:
-                            letters.pop(key, None)  # a tombstone
-                            continue
-                        try:
-                            letter = msgspec.msgpack.decode(bytes(record.value), type=DeadLetter)
-                        except msgspec.DecodeError:
-                            foreign += 1
-                            continue
-                        letters[key] = letter
+            async for tp, records in _read_to_ends(consumer, ends, deadline, "dead letters"):
+                letters = out[by_topic[tp.topic]]
+                for record in records:
+                    # By key, as compaction keeps them: the last record of a key wins.
+                    key = bytes(record.key or b"").decode(errors="replace")
+                    if not record.value:
+                        letters.pop(key, None)  # a tombstone
+                        continue
+                    try:
+                        letter = msgspec.msgpack.decode(bytes(record.value), type=DeadLetter)
+                    except msgspec.DecodeError:
+                        foreign += 1
+                        continue
+                    letters[key] = letter
         except KafkaError as exc:
             raise BrokerError(f"reading Kafka dead letters failed: {exc!r}") from exc
         finally:
@@ -1646,6 +1625,28 @@ class KafkaBroker(Broker):
         self._created.difference_update(queues)
         self._dead_created.difference_update(queues)
         self._marks_created.difference_update(queues)
+
+
+async def _read_to_ends(
+    consumer: Any, ends: dict[Any, int], deadline: float | None = None, what: str = "a topic"
+) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """Batches of the assigned partitions in `ends` until each reached its end offset.
+
+    The batch that holds the end offset comes whole, so a server answering ListOffsets
+    short (tansu: the last batch's first offset + 1) is fine. BrokerError past
+    `deadline` (monotonic)."""
+    pending = {tp for tp, end in ends.items() if end > 0}
+    while True:
+        for tp in list(pending):
+            if await consumer.position(tp) >= ends[tp]:
+                pending.discard(tp)
+        if not pending:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise BrokerError(f"reading Kafka {what} took too long")
+        batches = await consumer.getmany(*pending, timeout_ms=_POLL_MS)
+        for tp, records in batches.items():
+            yield tp, records
 
 
 async def _quietly(awaitable: Any) -> None:

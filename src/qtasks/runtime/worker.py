@@ -799,8 +799,8 @@ class Worker:
         except Exception:
             log.warning("could not read the record of redelivered task %s", message.uuid)
             return False
-        if record is None:
-            return False
+        if record is None or record.status is TaskStatusEnum.NEW:
+            return False  # nothing started since it was (re)sent
         # Not `error`: the letter of a dead-lettered task may not have reached the broker
         # (record stored first); running it again sets it aside again. Not `retry`: the
         # next attempt's message may not exist yet (record stored before the requeue).
