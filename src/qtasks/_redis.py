@@ -143,6 +143,30 @@ def client_name() -> str:
     return f"qtasks-{os.getpid()}"
 
 
+_driver: dict[str, Any] | None = None
+
+
+def driver_options() -> dict[str, Any]:
+    """CLIENT SETINFO of qtasks connections: `lib-name redis-py(qtasks_vX)`, `lib-ver`.
+
+    Given explicitly because redis-py's default looks its own version up in the installed
+    package metadata for every new connection (reading files, importing the email
+    package). redis-py before 7.1 has no DriverInfo: its defaults are kept there.
+    """
+    global _driver
+    if _driver is None:
+        try:
+            from redis.driver_info import DriverInfo
+        except ImportError:  # pragma: no cover - depends on the installed redis-py
+            _driver = {}
+        else:
+            from qtasks._version import __version__
+
+            info = DriverInfo(lib_version=redis.__version__)
+            _driver = {"driver_info": info.add_upstream_driver("qtasks", __version__)}
+    return _driver
+
+
 @dataclasses.dataclass(frozen=True)
 class RedisTarget:
     """What a qtasks Redis URL names: redis-py's URL (our own options removed), cluster mode."""
@@ -400,6 +424,7 @@ class RedisLink:
             # Replies are read raw, in RESP2 shapes (flat arrays, pub/sub as arrays).
             "protocol": 2,
             "client_name": client_name(),
+            **driver_options(),
         }
         if urlsplit(url).scheme.lower() != "unix":
             options["socket_keepalive"] = True
@@ -416,6 +441,7 @@ class RedisLink:
             "single_connection_client": True,
             "protocol": 2,
             "client_name": client_name(),
+            **driver_options(),
         }
         if urlsplit(url).scheme.lower() != "unix":
             options["socket_keepalive"] = True

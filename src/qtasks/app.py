@@ -233,6 +233,7 @@ class AsyncQueueTasks:
         retry_on_exc: Sequence[type[BaseException]] | None = None,
         retry_backoff: BackoffPolicy | None = None,
         max_time: float | None = None,
+        at_most_once: bool = False,
         echo: bool = False,
         decode: Callable[[Any], Any] | None = None,
         tags: Sequence[str] = (),
@@ -249,10 +250,11 @@ class AsyncQueueTasks:
         """Register a function as a task, bare (`@app.task`) or with options.
 
         Options: name, priority (lower runs first), queue, retry, retry_on_exc,
-        retry_backoff, max_time, echo, decode, tags, description, generate_handler,
-        executor, middlewares_before, middlewares_after, plugins (this task's own
-        plugins: `plugin` or `(plugin, ["trigger", ...])`); other keywords are kept as
-        metadata.
+        retry_backoff, max_time, at_most_once (never start one attempt twice, even after
+        a crash: see `qtasks.runtime.worker.Worker`), echo, decode, tags, description,
+        generate_handler, executor, middlewares_before, middlewares_after, plugins (this
+        task's own plugins: `plugin` or `(plugin, ["trigger", ...])`); other keywords are
+        kept as metadata.
         """
         localns = caller_locals()
 
@@ -270,7 +272,7 @@ class AsyncQueueTasks:
         """
         known = {
             "name", "priority", "queue", "retry", "retry_on_exc", "retry_backoff", "max_time",
-            "echo", "decode", "tags", "description", "generate_handler", "executor",
+            "at_most_once", "echo", "decode", "tags", "description", "generate_handler", "executor",
             "middlewares_before", "middlewares_after", "plugins",
         }  # fmt: skip
         metadata = {k: v for k, v in options.items() if k not in known}

@@ -23,7 +23,9 @@ class QueueConfig:
     max_tasks_process: int = 10
     """How many tasks one worker process runs at once (the worker's semaphore)."""
     prefetch: int | None = None
-    """Deliveries a worker holds beyond the running ones; None means equal to max_tasks_process."""
+    """Deliveries a worker holds beyond the running ones; None means equal to the worker's
+    concurrency (max_tasks_process, or `run --concurrency`), so a whole round of tasks is
+    at hand when the running ones end together."""
     fetch_batch: int = 100
     """Most deliveries taken from the broker in one round trip."""
     max_threads: int | None = None
@@ -72,9 +74,12 @@ class QueueConfig:
     comma-separated QTASKS_SIGNING_KEYS variable, if set; [] turns signing off. Read when
     the app is created; never shown in reprs."""
 
-    def resolved_prefetch(self) -> int:
-        """Deliveries buffered beyond the running tasks."""
-        return self.prefetch if self.prefetch is not None else self.max_tasks_process
+    def resolved_prefetch(self, concurrency: int | None = None) -> int:
+        """Deliveries buffered beyond the running tasks of a worker running `concurrency`
+        at once (default max_tasks_process)."""
+        if self.prefetch is not None:
+            return self.prefetch
+        return concurrency if concurrency is not None else self.max_tasks_process
 
     def resolved_threads(self) -> int:
         """Size of the thread pool for sync task functions."""

@@ -11,6 +11,7 @@
     ├── DecodeError               a message on the wire cannot be decoded; `.reason` says why
     ├── UnknownTask               no task is registered under that name
     ├── WorkerLost                delivered max_deliveries times, never finished
+    │   └── TaskInterrupted       an at_most_once task started and never finished: not rerun
     ├── TaskTimeout               a task ran longer than its max_time
     ├── WaitTimeout               app.wait() gave up before the task finished
     ├── TaskFailed                a streamed task ended with status error or cancel
@@ -119,6 +120,21 @@ class WorkerLost(QTasksError):  # noqa: N818 - names what happened, as users see
             f"QueueConfig.max_deliveries if this task legitimately outlives workers"
         )
         self.deliveries = deliveries
+        self.reason = "worker_lost"
+
+
+class TaskInterrupted(WorkerLost):
+    """An `at_most_once` task started and did not finish; it is not run again."""
+
+    def __init__(self, attempt: int, status: str) -> None:
+        QTasksError.__init__(
+            self,
+            f"worker_lost: attempt {attempt} of this at_most_once task started (its record "
+            f"says {status!r}) on a worker that stopped before finishing it (killed, lost, or "
+            f"given up on at shutdown); it is not run a second time. Send it again yourself "
+            f"(qtasks dlq retry) if running it twice is safe after all",
+        )
+        self.deliveries = attempt
         self.reason = "worker_lost"
 
 

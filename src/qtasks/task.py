@@ -88,6 +88,7 @@ class TaskDefinition:
     retry_on_exc: tuple[type[BaseException], ...] | None = None
     retry_backoff: BackoffPolicy | None = None
     max_time: float | None = None
+    at_most_once: bool = False
     echo: bool = False
     decode: Callable[[Any], Any] | None = None
     tags: tuple[str, ...] = ()
@@ -133,6 +134,7 @@ def build_definition(
     retry_on_exc: Sequence[type[BaseException]] | None = None,
     retry_backoff: BackoffPolicy | None = None,
     max_time: float | None = None,
+    at_most_once: bool = False,
     echo: bool = False,
     decode: Callable[[Any], Any] | None = None,
     tags: Sequence[str] = (),
@@ -164,6 +166,8 @@ def build_definition(
             raise TypeError(
                 f"task {task_name!r}: retry_on_exc holds {exc_type!r}, not an exception"
             )
+    if not isinstance(at_most_once, bool):
+        raise TypeError(f"task {task_name!r}: at_most_once must be True or False")
     if generate_handler is not None and not callable(generate_handler):
         raise TypeError(f"task {task_name!r}: generate_handler must be callable")
     if executor is not None:
@@ -182,6 +186,7 @@ def build_definition(
         retry_on_exc=tuple(retry_on_exc) if retry_on_exc is not None else None,
         retry_backoff=retry_backoff,
         max_time=max_time,
+        at_most_once=at_most_once,
         echo=echo,
         decode=decode,
         tags=tuple(tags),

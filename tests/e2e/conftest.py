@@ -54,6 +54,14 @@ async def nap(ctx, seconds):
     await asyncio.sleep(seconds)
     _ledger(f"nap-end {{ctx.uuid}} {{os.getpid()}}")
     return seconds
+
+
+@app.task(echo=True, at_most_once=True)
+async def charge(ctx, seconds):
+    _ledger(f"charge-start {{ctx.uuid}} {{os.getpid()}}")
+    await asyncio.sleep(seconds)
+    _ledger(f"charge-end {{ctx.uuid}} {{os.getpid()}}")
+    return seconds
 """
 
 

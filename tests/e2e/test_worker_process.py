@@ -103,6 +103,38 @@ def test_sigkill_mid_task_the_task_finishes_on_a_new_worker(
         app.close()
 
 
+def test_sigkill_mid_task_an_at_most_once_task_is_set_aside_not_rerun(
+    e2e_dir: Callable[..., Path], start_worker: Callable[..., WorkerProcess]
+) -> None:
+    folder = e2e_dir()
+    app = producer_app(folder)
+    try:
+        first = start_worker(folder)
+        uuid = str(app.add_task("charge", 30.0).uuid)
+        after = str(app.add_task("charge", 0.01).uuid)
+        wait_for(
+            lambda: any(w[:2] == ["charge-start", uuid] for w in read_ledger(folder)),
+            30,
+            "the task to start on the first worker",
+        )
+        first.signal(signal.SIGKILL)
+        first.wait(timeout=10)
+
+        second = start_worker(folder)
+        final = app.wait(uuid, timeout=60)
+        assert final.status == TaskStatusEnum.ERROR
+        assert final.error_type == "TaskInterrupted"
+        letters = app.dead_letters(uuids=[uuid])
+        assert [x.reason for x in letters] == ["worker_lost"]
+        assert app.wait(after, timeout=60).status == TaskStatusEnum.SUCCESS
+        starts = [w for w in read_ledger(folder) if w[:2] == ["charge-start", uuid]]
+        assert [w[2] for w in starts] == [str(first.pid)], "started once, never again"
+        second.signal(signal.SIGTERM)
+        assert second.wait(timeout=30) == 0
+    finally:
+        app.close()
+
+
 def test_sigterm_loses_nothing_and_runs_nothing_twice(
     e2e_dir: Callable[..., Path], start_worker: Callable[..., WorkerProcess]
 ) -> None:

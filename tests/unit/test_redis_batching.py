@@ -10,6 +10,7 @@ import pytest
 
 from qtasks import _redis as redis_link
 from qtasks import app as app_module
+from qtasks._version import __version__ as qtasks_version
 from qtasks.app import TaskCall
 from qtasks.message import new_uuid
 
@@ -158,3 +159,26 @@ def test_add_tasks_tuples_are_checked_like_task_calls() -> None:
         app_module._call_parts(("job", (), {}, {"prio": 1}))
     with pytest.raises(TypeError):
         TaskCall.of(("job", (), {}, {"prio": 1}))
+
+
+def test_connections_do_not_look_up_redis_py_version_in_package_metadata(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # redis-py's default CLIENT SETINFO reads its installed metadata for each connection.
+    import redis
+    import redis.utils
+
+    looked_up: list[int] = []
+    monkeypatch.setattr(redis.utils, "get_lib_version", lambda: looked_up.append(1) or "x")
+    link = redis_link.RedisLink(redis_link.parse_url("redis://127.0.0.1:1/0"), "ns")
+    factory = link._make_factory(link.node_url)
+    conns = [redis_link._make_connection(factory) for _ in range(3)]
+    assert looked_up == []
+    info = conns[0].driver_info
+    assert info.formatted_name == f"redis-py(qtasks_v{qtasks_version})"
+    assert info.lib_version == redis.__version__
+    # The heartbeat thread's blocking client gets the same (it connects when made).
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(redis.Redis, "from_url", lambda url, **kw: seen.update(kw))
+    link.sync_client(1.0)
+    assert seen["driver_info"] is info

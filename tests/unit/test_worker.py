@@ -95,6 +95,24 @@ async def test_worker_concurrency_overrides_the_config(
     assert counting_broker.max_in_flight <= 2
 
 
+async def test_prefetch_defaults_to_the_workers_own_concurrency(
+    make_app, counting_broker, run_until_idle
+) -> None:
+    # `run --concurrency 2` on an app whose max_tasks_process is 50: the window is 2 + 2
+    # (it was 2 + 50, so one worker claimed every task while others sat idle).
+    app = make_app(broker=counting_broker, config=QueueConfig(max_tasks_process=50))
+
+    @app.task
+    async def job() -> None:
+        await asyncio.sleep(0)
+
+    for _ in range(40):
+        await job.add_task()
+    await run_until_idle(app, concurrency=2)
+    assert counting_broker.acked == 40
+    assert counting_broker.max_in_flight <= 2 + 2
+
+
 # -- concurrency ---------------------------------------------------------------------------
 
 
@@ -277,7 +295,7 @@ async def test_stop_during_a_slow_save_still_stores_and_acks(make_app, running_w
 async def test_stop_lets_running_tasks_finish_and_returns_unstarted_ones(
     make_app, counting_broker, running_worker, run_until_idle
 ) -> None:
-    app = make_app(broker=counting_broker)
+    app = make_app(broker=counting_broker, config=QueueConfig(prefetch=3))
     started = asyncio.Event()
     ran: list[str] = []
 

@@ -18,6 +18,14 @@ claim, and then claims one message at a time until a fresh one comes (see ALONE_
 So a task that kills its worker takes its neighbours down at most once, and only it
 reaches max_deliveries. A redelivery whose attempt already succeeded is acked unrun.
 
+A task registered with `at_most_once=True` trades that for the opposite promise: the
+worker stores its `process` record (one storage write) before the function starts, and a
+delivery of an attempt whose record shows it started is never run again; it is
+dead-lettered `worker_lost` with `TaskInterrupted` instead (or acked, if it ended). A
+task that must not run twice (a payment, an e-mail) then runs at most once per attempt,
+and a crash shows up as a dead letter that a person can send again, never as a silent
+second run.
+
 The worker fires the worker_*, broker_fetch/ack, storage_save and
 global_config_register_worker triggers, starts the plugins of the `worker` and
 `task_executor` components and the tasks' own plugins, and owns the `worker` dependency
@@ -40,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from qtasks._version import __version__
-from qtasks.errors import DecodeError, PluginError, UnknownTask, WorkerLost
+from qtasks.errors import DecodeError, PluginError, TaskInterrupted, UnknownTask, WorkerLost
 from qtasks.interfaces import Delivery
 from qtasks.logs import current_task
 from qtasks.message import (
@@ -390,7 +398,7 @@ class Worker:
         self._app = app
         config = app.config
         self._concurrency = self.concurrency or config.max_tasks_process
-        self._prefetch = config.resolved_prefetch()
+        self._prefetch = config.resolved_prefetch(self._concurrency)
         self._queue_names = self.resolved_queues(app)
         self._buffer: asyncio.PriorityQueue[tuple[int, float, int, Delivery]] = (
             asyncio.PriorityQueue()
@@ -669,6 +677,8 @@ class Worker:
                 self._record_failure(delivery, message, exc, DeadLetterReason.REJECTED)
                 return
             record = changes.get("record", record)
+        if definition.at_most_once and not await self._start_once(delivery, message, record):
+            return
         self.writer.started(record)
         executor_cls = definition.executor or app.executor_class
         executor = executor_cls(definition, message, app, self._pool)
@@ -820,6 +830,51 @@ class Worker:
         )
         self.writer.ack(delivery)
         return True
+
+    async def _start_once(self, delivery: Delivery, message: TaskMessage, record: Task) -> bool:
+        """at_most_once: store `record` (process) before the attempt starts; True to run.
+
+        False when this attempt started before (its delivery is then dealt with), or when
+        the storage cannot tell (the delivery goes back: running blind could run it twice).
+        """
+        storage = self.app.storage
+        attempt = message.attempt + 1
+        try:
+            stored = await storage.get(str(message.uuid))
+            started_before = (
+                stored is not None
+                and stored.status is not TaskStatusEnum.NEW
+                and stored.attempts >= attempt
+            )
+            if not started_before:
+                await storage.save([record])
+        except Exception as exc:
+            log.warning(
+                "task %s %s is at_most_once and its record could not be read or written (%s); "
+                "giving it back instead of running it",
+                message.name,
+                message.uuid,
+                exc,
+            )
+            await asyncio.sleep(1.0)  # the storage is failing: do not spin on the message
+            self.writer.release(delivery)
+            return False
+        if not started_before:
+            return True
+        assert stored is not None
+        if stored.attempts > attempt or stored.status in (
+            TaskStatusEnum.SUCCESS,
+            TaskStatusEnum.CANCEL,
+        ):
+            self.writer.ack(delivery)  # it ended (or a later attempt exists): nothing to do
+            return False
+        self._record_failure(
+            delivery,
+            message,
+            TaskInterrupted(attempt, stored.status.value),
+            DeadLetterReason.WORKER_LOST,
+        )
+        return False
 
     def _defer(self, delivery: Delivery, message: TaskMessage) -> None:
         """Send an unknown task back with a growing delay (requeue_unknown_tasks)."""

@@ -114,6 +114,7 @@ class AsyncInspect:
                 stats.priority = definition.priority
                 stats.retry = definition.retry
                 stats.max_time = definition.max_time
+                stats.at_most_once = definition.at_most_once
                 stats.kind = definition.kind.value
                 stats.description = definition.description
             stats.add_counters(merge(w.tasks[name] for w in alive if name in w.tasks))

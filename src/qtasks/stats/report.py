@@ -53,6 +53,7 @@ class TaskStats:
     priority: int | None = None
     retry: int | None = None
     max_time: float | None = None
+    at_most_once: bool | None = None
     kind: str | None = None
     description: str | None = None
     processed: int = 0
@@ -194,6 +195,7 @@ def task_text(t: TaskStats) -> str:
         ("priority", _opt(t.priority)),
         ("retry", _opt(t.retry)),
         ("max_time", _opt(t.max_time)),
+        ("at_most_once", _opt(t.at_most_once)),
         ("description", _opt(t.description)),
     ]
     rows += [(c, str(getattr(t, c))) for c in COUNTER_NAMES]
