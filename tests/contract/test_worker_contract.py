@@ -214,3 +214,41 @@ async def test_two_workers_never_both_finish_a_task(apps: Apps) -> None:
     await asyncio.sleep(0.5)  # a duplicate would show up now
     assert set(runs) == set(range(total))
     assert max(runs.values()) == 1
+
+
+async def test_an_at_most_once_task_given_up_on_is_not_started_again(apps: Apps) -> None:
+    # The first worker's grace runs out: its running task is cancelled and its message
+    # goes back. An at-least-once task would start over on the next worker; this one is
+    # dead-lettered worker_lost instead, and its neighbours still run.
+    started: list[int] = []
+    first, second = apps.make(), apps.make()
+    for app in (first, second):
+
+        @app.task(name="pay", at_most_once=True)
+        async def pay(n: int) -> None:
+            started.append(n)
+            await asyncio.sleep(30 if n == 0 else 0)
+
+    stuck = await first.add_task("pay", 0)
+    worker = await apps.worker(first, concurrency=1)
+
+    async def running() -> bool:
+        return started == [0]
+
+    await until(running, 20)
+    others = [await first.add_task("pay", n) for n in range(1, 4)]
+    await worker.stop(grace_seconds=0.1)
+
+    await apps.worker(second, concurrency=2)
+    final = await second.wait(stuck.uuid, 60)
+    assert (final.status, final.error_type) == (TaskStatusEnum.ERROR, "TaskInterrupted")
+    for r in others:
+        assert (await second.wait(r.uuid, 60)).status is TaskStatusEnum.SUCCESS
+    assert sorted(started) == [0, 1, 2, 3], "each started once"
+
+    async def letter_there() -> bool:
+        return bool(await second.dead_letters())
+
+    await until(letter_there, 10)
+    (letter,) = await second.dead_letters()
+    assert (letter.uuid, letter.reason) == (str(stuck.uuid), "worker_lost")
