@@ -89,8 +89,10 @@ class DecodeError(QTasksError, ValueError):
 
     `reason` is machine-readable (dead letters and metrics group by it); the message is
     for people. The JSON serializer's reasons: `empty`, `payload_too_large`,
-    `bad_signature`, `pickle_refused`, `not_utf8`, `invalid_json`, `too_deep`,
-    `unsupported_version`, `bad_schema`. Other serializers may add their own.
+    `bad_signature`, `pickle_refused`, `wrong_serializer` (a msgpack message), `not_utf8`,
+    `invalid_json`, `too_deep`, `unsupported_version`, `bad_schema`. The msgpack
+    serializer's are the same, with `invalid_msgpack` for `invalid_json` (and
+    `wrong_serializer` for a JSON message). Other serializers may add their own.
     """
 
     def __init__(self, message: str, reason: str = "undecodable") -> None:

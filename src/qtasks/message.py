@@ -105,7 +105,8 @@ class DeadLetterReason(str, enum.Enum):
     REJECTED = "rejected"
     """A plugin or middleware refused it before it ran."""
     # Undecodable messages use DecodeError.reason: empty, payload_too_large, bad_signature,
-    # pickle_refused, not_utf8, invalid_json, too_deep, unsupported_version, bad_schema.
+    # pickle_refused, wrong_serializer, not_utf8, invalid_json, invalid_msgpack, too_deep,
+    # unsupported_version, bad_schema.
 
     def __str__(self) -> str:
         return self.value

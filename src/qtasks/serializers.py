@@ -1,11 +1,14 @@
-"""Turning task messages into bytes and back; JSON by default, never pickle unless asked.
+"""Turning task messages into bytes and back; JSON by default, msgpack on request, never
+pickle unless asked.
 
 Decoding is where untrusted bytes enter a worker, so the JSON serializer checks them in
 order, cheapest first, and names what is wrong in `DecodeError.reason`: `empty`,
 `payload_too_large` (before any parsing), `bad_signature`, `pickle_refused` (such bytes
-are never unpickled), `not_utf8`, `too_deep`, `invalid_json`, `unsupported_version`,
-`bad_schema`. A well-formed message pays for a few comparisons (and, past 128 bytes, two
-`bytes.count` calls) beyond the decode itself.
+are never unpickled), `wrong_serializer` (the bytes are a msgpack message),
+`not_utf8`, `too_deep`, `invalid_json`, `unsupported_version`, `bad_schema`. A
+well-formed message pays for a few comparisons (and, past 128 bytes, two `bytes.count`
+calls) beyond the decode itself. The msgpack serializer gives the same reasons, with
+`invalid_msgpack` for `invalid_json` and `wrong_serializer` for a JSON message.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import abc
 import logging
 import re
 from collections.abc import Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -75,6 +79,12 @@ class _Identity(msgspec.Struct):
 
 _version_decoder = msgspec.json.Decoder(_Version)
 _identity_decoder = msgspec.json.Decoder(_Identity)
+_msgpack_version_decoder = msgspec.msgpack.Decoder(_Version)
+_msgpack_identity_decoder = msgspec.msgpack.Decoder(_Identity)
+
+_MSGPACK_MAP_HEADERS = frozenset((*range(0x81, 0x90), 0xDE, 0xDF))
+"""First bytes of a non-empty msgpack map (fixmap, map 16, map 32): how every msgpack task
+message starts, and never how JSON text starts."""
 
 # Depth check: JSON strings are cut out (they may hold brackets), then only brackets kept,
 # `{}` folded onto `[]`. Each `replace(b"[]", b"")` pass removes one level of nesting
@@ -195,6 +205,8 @@ class JsonSerializer(Serializer):
                     "never unpickles (unpickling runs code the sender chose)",
                     reason="pickle_refused",
                 )
+            if looks_like_msgpack(body):
+                raise _wrong_serializer("msgpack", "MsgpackSerializer", "JsonSerializer")
         if nesting_exceeds(body, self.max_depth):
             raise DecodeError(
                 f"too_deep: lists/objects nest deeper than {self.max_depth} levels; not decoded",
@@ -227,15 +239,213 @@ def _unsupported(version: object) -> DecodeError:
     )
 
 
-def _schema_error(body: bytes, exc: msgspec.ValidationError) -> DecodeError:
+def _schema_error(
+    body: bytes,
+    exc: msgspec.ValidationError,
+    version_decoder: msgspec.json.Decoder[_Version]
+    | msgspec.msgpack.Decoder[_Version] = _version_decoder,
+) -> DecodeError:
     """`unsupported_version` when the message says another format, else `bad_schema`."""
     try:
-        version = _version_decoder.decode(body).v
-    except (msgspec.DecodeError, RecursionError):
+        version = version_decoder.decode(body).v
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         version = MESSAGE_FORMAT_VERSION  # not even an object: a schema problem
     if version != MESSAGE_FORMAT_VERSION:
         return _unsupported(version)
     return DecodeError(f"bad_schema: not a task message: {exc}", reason="bad_schema")
+
+
+def _wrong_serializer(found: str, producer: str, worker: str) -> DecodeError:
+    return DecodeError(
+        f"wrong_serializer: the message is {found}, but this app decodes with {worker}; "
+        f"the producer seems to use {producer}: give producers and workers the same "
+        f"serializer (QueueTasks(serializer=...)), then retry the dead letter",
+        reason="wrong_serializer",
+    )
+
+
+def looks_like_msgpack(body: bytes) -> bool:
+    """True for a msgpack task message (even a cut-off one); never for JSON text."""
+    if not body or body[0] not in _MSGPACK_MAP_HEADERS:
+        return False
+    try:
+        found = _msgpack_identity_decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        # A cut-off message: what MsgpackSerializer writes opens with its "uuid" key.
+        return body[1:6] == b"\xa4uuid"
+    return isinstance(found.uuid, str) or isinstance(found.name, str)
+
+
+def looks_like_json(body: bytes) -> bool:
+    """True for a JSON task message (even a cut-off one); never for a msgpack message."""
+    text = body.lstrip(b" \t\r\n")
+    if text[:1] != b"{":
+        return False  # a msgpack message starts with a map header, which "{" is not
+    try:
+        found = _identity_decoder.decode(text)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return text.startswith(b'{"uuid"')  # a cut-off message as JsonSerializer writes it
+    return isinstance(found.uuid, str) or isinstance(found.name, str)
+
+
+class _UnsupportedExtensionError(Exception):
+    """A msgpack extension type other than the timestamp: qtasks never writes one."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _refuse_extension(code: int, data: memoryview) -> Any:
+    raise _UnsupportedExtensionError(code)
+
+
+_NESTED = frozenset((list, dict, tuple))
+_NOT_CONTAINER_HEADERS = bytes(
+    b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF)
+)
+_COUNT_HEADERS_UP_TO = 4096
+"""Bodies this short are screened by counting their container-header bytes (~0.3 µs);
+longer ones go straight to `nested_deeper`, cheaper than counting from here on."""
+
+
+def nested_deeper(values: list[Any], depth: int, max_depth: int) -> bool:
+    """True when decoded `values`, at nesting level `depth`, hold lists/dicts deeper than
+    `max_depth`; level by level, one comprehension per level (no recursion, no Python call
+    per container): about as costly as JsonSerializer's bracket count."""
+    level = [v for v in values if type(v) in _NESTED]
+    while level:
+        if depth > max_depth:
+            return True
+        inner = chain.from_iterable([c.values() if type(c) is dict else c for c in level])
+        below = [v for v in inner if type(v) in _NESTED]
+        dicts = [c for c in level if type(c) is dict]
+        if dicts:  # msgpack array keys decode to tuples, which nest too
+            below += [k for k in chain.from_iterable(dicts) if type(k) is tuple]
+        level = below
+        depth += 1
+    return False
+
+
+class MsgpackSerializer(Serializer):
+    """msgspec MessagePack: smaller than JSON, carries `bytes` as is, as safe to decode.
+
+    A peer of JsonSerializer, checked the same way with the same reasons, for apps whose
+    arguments hold binary data or that want smaller messages: `QueueTasks(serializer=
+    MsgpackSerializer())` on producers and workers alike. Arguments arrive as with JSON,
+    except that `bytes` stay bytes, timezone-aware datetimes stay datetimes (msgpack's
+    timestamp) and dict keys keep their type. Extension types other than the timestamp
+    are refused (`bad_schema`). `max_payload_bytes` and `max_depth` bound what `decode`
+    accepts, as for JsonSerializer.
+    """
+
+    content_type = "application/msgpack"
+
+    def __init__(
+        self,
+        *,
+        max_payload_bytes: int | None = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self.max_depth = max_depth
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=encode_extra)
+        self._decoder = msgspec.msgpack.Decoder(TaskMessage, ext_hook=_refuse_extension)
+
+    def encode(self, message: TaskMessage) -> bytes:
+        try:
+            return self._encoder.encode(message)
+        except (TypeError, msgspec.EncodeError, OverflowError) as exc:
+            raise EncodeError(
+                f"task {message.name!r}: arguments cannot be encoded as msgpack ({exc}); "
+                f"pass plain data (str, int, float, bool, None, bytes, list, dict, datetime, "
+                f"UUID, dataclasses) or a serializable representation"
+            ) from exc
+
+    def decode(self, body: bytes) -> TaskMessage:
+        # As JsonSerializer: a well-formed message passes a few inline tests and goes
+        # straight to msgspec. Nesting is checked after decoding (msgpack has no brackets
+        # to count before; msgspec's own recursion limit bounds the decode): a short body
+        # with no more container-header bytes than max_depth cannot nest deeper, the
+        # rest are walked (cheap for large bodies of bytes or text: few containers).
+        size = len(body)
+        limit = self.max_payload_bytes
+        if not size or (limit is not None and size > limit) or body[0] not in _MSGPACK_MAP_HEADERS:
+            self._screen(body)
+        try:
+            message = self._decoder.decode(body)
+        except _UnsupportedExtensionError as exc:
+            raise DecodeError(
+                f"bad_schema: msgpack extension type {exc.code} is not part of a task "
+                f"message (qtasks writes only timestamps)",
+                reason="bad_schema",
+            ) from exc
+        except msgspec.ValidationError as exc:
+            raise _msgpack_schema_error(body, exc) from exc
+        except msgspec.DecodeError as exc:
+            raise DecodeError(f"invalid_msgpack: {exc}", reason="invalid_msgpack") from exc
+        except UnicodeDecodeError as exc:  # msgpack strings must be UTF-8
+            raise DecodeError(
+                f"not_utf8: a string in the message is not UTF-8 ({exc.reason})",
+                reason="not_utf8",
+            ) from exc
+        except RecursionError as exc:
+            raise DecodeError("too_deep: nesting exhausted the stack", reason="too_deep") from exc
+        max_depth = self.max_depth
+        if (
+            size > max_depth
+            and (
+                size > _COUNT_HEADERS_UP_TO
+                or len(body.translate(None, _NOT_CONTAINER_HEADERS)) > max_depth
+            )
+            and nested_deeper([message.args, message.kwargs], 2, max_depth)
+        ):
+            raise DecodeError(
+                f"too_deep: lists/maps nest deeper than {max_depth} levels; not run",
+                reason="too_deep",
+            )
+        if message.v != MESSAGE_FORMAT_VERSION:
+            raise _unsupported(message.v)
+        return message
+
+    def _screen(self, body: bytes) -> None:
+        """The checks before parsing, in order; returns if msgspec may parse `body`."""
+        check_size(body, self.max_payload_bytes)
+        if is_signed(body):
+            raise DecodeError(
+                "bad_signature: the message is signed but this app has no signing keys "
+                "to verify it; set the producers' keys in QueueConfig.signing_keys or "
+                "QTASKS_SIGNING_KEYS on the worker too",
+                reason="bad_signature",
+            )
+        # b"\x80" alone is an empty msgpack map (a bad_schema); longer, it is a pickle's
+        # header, as no msgpack message has anything after an empty top-level map.
+        if body != b"\x80" and looks_like_pickle(body):
+            raise DecodeError(
+                "pickle_refused: the message is a pickle; qtasks decodes msgpack here and "
+                "never unpickles (unpickling runs code the sender chose)",
+                reason="pickle_refused",
+            )
+        if looks_like_json(body):
+            raise _wrong_serializer("JSON", "JsonSerializer", "MsgpackSerializer")
+
+
+def _msgpack_schema_error(body: bytes, exc: msgspec.ValidationError) -> DecodeError:
+    """`invalid_msgpack` for malformed bytes (msgspec checks types before it finds
+    trailing or cut-off bytes), else as `_schema_error`."""
+    try:
+        msgspec.msgpack.decode(body, ext_hook=_refuse_extension)
+    except _UnsupportedExtensionError:
+        pass  # well-formed; the schema error says what is wrong
+    except msgspec.DecodeError as malformed:
+        return DecodeError(f"invalid_msgpack: {malformed}", reason="invalid_msgpack")
+    except UnicodeDecodeError as bad:
+        return DecodeError(
+            f"not_utf8: a string in the message is not UTF-8 ({bad.reason})", reason="not_utf8"
+        )
+    except RecursionError:
+        return DecodeError("too_deep: nesting exhausted the stack", reason="too_deep")
+    return _schema_error(body, exc, _msgpack_version_decoder)
 
 
 class SigningSerializer(Serializer):
@@ -324,9 +534,19 @@ class PickleSerializer(Serializer):
 
 
 def serializer_for(config: QueueConfig, serializer: Serializer | None = None) -> Serializer:
-    """The app's serializer: `serializer` or JSON with the config's limit, signed if keyed."""
+    """The app's serializer: `serializer` or JSON with the config's limit, signed if keyed.
+
+    A serializer passed in with the default limit gets the config's: producers check
+    `QueueConfig.max_payload_bytes`, and a worker whose serializer kept 1 MiB would
+    dead-letter what they had accepted. A limit given to the serializer itself is kept.
+    """
     if serializer is None:
         serializer = JsonSerializer(max_payload_bytes=config.max_payload_bytes)
+    layer: Serializer | None = serializer
+    while layer is not None:
+        if getattr(layer, "max_payload_bytes", None) == DEFAULT_MAX_PAYLOAD_BYTES:
+            layer.max_payload_bytes = config.max_payload_bytes  # type: ignore[attr-defined]
+        layer = getattr(layer, "inner", None)
     keys = config.resolved_signing_keys()
     if keys and not isinstance(serializer, SigningSerializer):
         serializer = SigningSerializer(serializer, keys, max_payload_bytes=config.max_payload_bytes)
@@ -368,8 +588,15 @@ def peek_identity(body: bytes, reason: str | None = None) -> tuple[str | None, s
     """
     if reason in _PEEK_REFUSED or is_signed(body):
         return None, None
+    payload = signed_payload(body)
+    # Either format, whichever serializer failed: msgpack maps and JSON text never share
+    # a first byte.
+    msgpack = bool(payload) and payload[0] in _MSGPACK_MAP_HEADERS
     try:
-        found = _identity_decoder.decode(signed_payload(body))
+        if msgpack:
+            found = _msgpack_identity_decoder.decode(payload)
+        else:
+            found = _identity_decoder.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None, None
     uuid, name = found.uuid, found.name

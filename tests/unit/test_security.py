@@ -552,3 +552,33 @@ def test_the_new_errors_survive_pickling_with_their_fields() -> None:
     assert (too_large.name, too_large.size, too_large.limit) == ("job", 2_000, 1_000)
     decode = pickle.loads(pickle.dumps(DecodeError("empty: no bytes", reason="empty")))
     assert (str(decode), decode.reason) == ("empty: no bytes", "empty")
+
+
+@pytest.mark.parametrize("kind", ["json", "msgpack", "signed msgpack"])
+async def test_a_serializer_passed_in_takes_the_configs_limit(
+    kind: str, running_worker: Any
+) -> None:
+    """Producers check QueueConfig.max_payload_bytes; a serializer passed to the app kept
+    its own 1 MiB default, so its worker dead-lettered the 2 MB task they had accepted."""
+    from qtasks.serializers import JsonSerializer, MsgpackSerializer
+
+    serializer = JsonSerializer() if kind == "json" else MsgpackSerializer()
+    keys = ["k" * 32] if kind.startswith("signed") else []
+    config = QueueConfig(max_payload_bytes=4 * 1024**2, signing_keys=keys)
+    app = QueueTasks("limits", broker_url="memory://", serializer=serializer, config=config)
+
+    @app.task
+    def size(blob: str) -> int:
+        return len(blob)
+
+    try:
+        async with running_worker(app):
+            record = await app.add_task("size", "x" * 2_000_000, timeout=30)
+        assert record is not None
+        assert (record.status, record.returning) == (TaskStatusEnum.SUCCESS, 2_000_000)
+        own = MsgpackSerializer(max_payload_bytes=100)
+        other = QueueTasks("limits2", broker_url="memory://", serializer=own, config=config)
+        assert own.max_payload_bytes == 100, "a limit given to the serializer is kept"
+        await other.stop()
+    finally:
+        await app.stop()
