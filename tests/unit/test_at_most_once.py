@@ -74,6 +74,15 @@ async def test_an_attempt_that_started_is_not_run_again_after_a_crash(
     assert [x.reason for x in letters] == ["worker_lost"]
     assert worker.counters["charge"].redelivered == 1
     assert issubclass(TaskInterrupted, WorkerLost)
+    # A person decides running it again is safe: the dead letter goes out as a fresh
+    # attempt, and runs.
+    broker.names.clear()
+    assert await app.retry_dead_letters([record.uuid]) == [str(record.uuid)]
+    await run_until_idle(app)
+    assert runs == [1]
+    final = await app.get(record.uuid)
+    assert final is not None
+    assert final.status == TaskStatusEnum.SUCCESS
 
 
 async def test_a_redelivery_of_a_finished_attempt_is_acked_unrun(
