@@ -121,7 +121,7 @@ class AsyncQueueTasks:
         worker: Worker | None = None,
         starter: Starter | None = None,
         config: QueueConfig | None = None,
-        serializer: Serializer | None = None,
+        serializer: Serializer | str | None = None,
         executor: type[TaskExecutor] = TaskExecutor,
     ) -> None:
         if not name or not isinstance(name, str):

@@ -533,8 +533,13 @@ class PickleSerializer(Serializer):
         return message
 
 
-def serializer_for(config: QueueConfig, serializer: Serializer | None = None) -> Serializer:
-    """The app's serializer: `serializer` or JSON with the config's limit, signed if keyed.
+SERIALIZER_NAMES = ("json", "msgpack")
+"""What `QueueTasks(serializer=...)` takes by name; pickle only as an explicit instance."""
+
+
+def serializer_for(config: QueueConfig, serializer: Serializer | str | None = None) -> Serializer:
+    """The app's serializer: `serializer` (an instance, or "json" / "msgpack") or JSON,
+    with the config's limit, signed if keyed.
 
     A serializer passed in with the default limit gets the config's: producers check
     `QueueConfig.max_payload_bytes`, and a worker whose serializer kept 1 MiB would
@@ -542,6 +547,15 @@ def serializer_for(config: QueueConfig, serializer: Serializer | None = None) ->
     """
     if serializer is None:
         serializer = JsonSerializer(max_payload_bytes=config.max_payload_bytes)
+    elif isinstance(serializer, str):
+        name = serializer.strip().lower()
+        if name not in SERIALIZER_NAMES:
+            raise ConfigurationError(
+                f"unknown serializer {serializer!r}: use 'json' or 'msgpack', or pass a "
+                f"Serializer instance (qtasks.serializers)"
+            )
+        factory = JsonSerializer if name == "json" else MsgpackSerializer
+        serializer = factory(max_payload_bytes=config.max_payload_bytes)
     layer: Serializer | None = serializer
     while layer is not None:
         if getattr(layer, "max_payload_bytes", None) == DEFAULT_MAX_PAYLOAD_BYTES:

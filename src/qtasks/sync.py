@@ -190,7 +190,7 @@ class QueueTasks:
         worker: Worker | None = None,
         starter: Starter | None = None,
         config: QueueConfig | None = None,
-        serializer: Serializer | None = None,
+        serializer: Serializer | str | None = None,
         executor: type[TaskExecutor] | None = None,
     ) -> None:
         extra: dict[str, Any] = {"executor": executor} if executor is not None else {}

@@ -577,3 +577,34 @@ async def test_a_worker_dead_letters_the_other_format_with_a_clear_reason(
         assert record is not None
         assert record.status is TaskStatusEnum.ERROR
         assert "give producers and workers the same serializer" in (record.error_message or "")
+
+
+def test_the_app_takes_a_serializer_by_name() -> None:
+    from qtasks import QueueConfig
+    from qtasks import QueueTasks as SyncQueueTasks
+    from qtasks.asyncio import QueueTasks
+    from qtasks.errors import ConfigurationError
+    from qtasks.serializers import JsonSerializer, SigningSerializer
+
+    packed = QueueTasks(broker_url="memory://", serializer="msgpack")
+    assert isinstance(packed.serializer, MsgpackSerializer)
+    assert isinstance(
+        QueueTasks(broker_url="memory://", serializer="JSON").serializer, JsonSerializer
+    )
+    limited = QueueTasks(
+        broker_url="memory://",
+        serializer="msgpack",
+        config=QueueConfig(max_payload_bytes=2048, signing_keys=["s" * 32]),
+    )
+    assert isinstance(limited.serializer, SigningSerializer)
+    assert isinstance(limited.serializer.inner, MsgpackSerializer)
+    assert limited.serializer.inner.max_payload_bytes == 2048
+    sync_app = SyncQueueTasks(broker_url="memory://", serializer="msgpack")
+    try:
+        assert isinstance(sync_app.core.serializer, MsgpackSerializer)
+    finally:
+        sync_app.close()
+    with pytest.raises(ConfigurationError, match="unknown serializer 'yaml': use 'json' or"):
+        QueueTasks(broker_url="memory://", serializer="yaml")
+    with pytest.raises(ConfigurationError, match="unknown serializer 'pickle'"):
+        QueueTasks(broker_url="memory://", serializer="pickle")
