@@ -225,3 +225,32 @@ def test_at_most_once_is_a_bool_and_shows_in_the_definition() -> None:
 
         @app.task(at_most_once="yes")
         def bad() -> None: ...
+
+
+async def test_the_process_record_goes_through_the_storage_save_trigger(
+    make_app: Callable[..., QueueTasks], run_until_idle: RunUntilIdle
+) -> None:
+    from qtasks.plugins.base import BasePlugin
+
+    class Saves(BasePlugin):
+        def __init__(self) -> None:
+            super().__init__("saves")
+            self.statuses: list[TaskStatusEnum] = []
+            self.handlers = {"storage_save": self.seen}
+
+        def seen(self, records: list[Task], **_: Any) -> None:
+            self.statuses += [r.status for r in records]
+
+    app = make_app()
+    plugin = Saves()
+    app.add_plugin(plugin)
+    before_run: list[list[TaskStatusEnum]] = []
+
+    @app.task(at_most_once=True)
+    def pay() -> None:
+        before_run.append(list(plugin.statuses))
+
+    await pay.add_task()
+    await run_until_idle(app)
+    assert before_run == [[TaskStatusEnum.PROCESS]]
+    assert plugin.statuses[-1] == TaskStatusEnum.SUCCESS

@@ -142,6 +142,17 @@ class ResultWriter:
         self._saves[record.uuid] = record
         self._kick()
 
+    async def save_now(self, record: Task) -> None:
+        """Store a record at once, through the storage_save trigger, before going on."""
+        records = [record]
+        plugins = self.app.plugins
+        if plugins and STORAGE_SAVE in plugins:
+            changes = await plugins.fire(
+                STORAGE_SAVE, storage=self.app.storage, worker=self.worker, records=records
+            )
+            records = changes.get("records", records)
+        await self.app.storage.save(records)
+
     def started(self, record: Task) -> None:
         """Note that a task began; its `process` record is stored only if it still runs later.
 
@@ -847,7 +858,7 @@ class Worker:
                 and stored.attempts >= attempt
             )
             if not started_before:
-                await storage.save([record])
+                await self.writer.save_now(record)
         except Exception as exc:
             log.warning(
                 "task %s %s is at_most_once and its record could not be read or written (%s); "
