@@ -141,6 +141,14 @@ def build_app(settings: dict[str, Any], *, producer: bool = False) -> QueueTasks
         ledger.write("E", ctx.uuid, os.getpid())
         return seconds
 
+    @app.task(echo=True, at_most_once=True)
+    async def once_nap(ctx: TaskContext, seconds: float) -> float:
+        """`nap` as an at_most_once task: never started twice, even after a SIGKILL."""
+        ledger.write("S", ctx.uuid, os.getpid())
+        await asyncio.sleep(seconds)
+        ledger.write("E", ctx.uuid, os.getpid())
+        return seconds
+
     @app.task(echo=True)
     def block(ctx: TaskContext, seconds: float) -> float:
         """A sync task that holds its thread (and the GIL between sleeps) for `seconds`."""
