@@ -136,8 +136,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 
 
 def read_ledger(folder: Path) -> list[list[str]]:
-    """The ledger lines, split into words."""
+    """The complete ledger lines, split into words (one being appended may read cut short)."""
     path = folder / "ledger.txt"
     if not path.exists():
         return []
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    return [line.split() for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,45 +58,47 @@ class Ledger:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
+    def raw_lines(self) -> Iterator[list[str]]:
+        """The words of every complete line of every ledger file.
+
+        A line being appended while it is read can come out cut short (a read does not
+        wait for a write to a regular file); it is left for the next read.
+        """
+        for path in sorted(self.folder.glob("ledger-*.log")):
+            text = path.read_text()
+            for raw in text[: text.rfind("\n") + 1].splitlines():
+                yield raw.split()
+
     def lines(self) -> list[LedgerLine]:
         out = []
-        for path in sorted(self.folder.glob("ledger-*.log")):
-            for raw in path.read_text().splitlines():
-                words = raw.split()
-                if not words or words[0] not in {"S", "E", "F"}:
-                    continue
+        for words in self.raw_lines():
+            if words and words[0] in {"S", "E", "F"}:
                 out.append(LedgerLine(words[0], words[1], int(words[2]), float(words[3])))
         return out
 
     def partitions(self) -> dict[int, set[tuple[str, int]]]:
         """Kafka partitions each worker pid fetched from."""
         out: dict[int, set[tuple[str, int]]] = collections.defaultdict(set)
-        for path in sorted(self.folder.glob("ledger-*.log")):
-            for raw in path.read_text().splitlines():
-                words = raw.split()
-                if words and words[0] == "P":
-                    out[int(words[1])].add((words[2], int(words[3])))
+        for words in self.raw_lines():
+            if words and words[0] == "P":
+                out[int(words[1])].add((words[2], int(words[3])))
         return out
 
     def probes(self) -> list[dict[str, float]]:
         """The `M` lines of the probe task, oldest first."""
         out = []
-        for path in sorted(self.folder.glob("ledger-*.log")):
-            for raw in path.read_text().splitlines():
-                w = raw.split()
-                if w and w[0] == "M":
-                    keys = ("pid", "rss_kb", "fds", "tasks", "threads", "t")
-                    out.append(dict(zip(keys, map(float, w[2:]), strict=True)))
+        for w in self.raw_lines():
+            if w and w[0] == "M":
+                keys = ("pid", "rss_kb", "fds", "tasks", "threads", "t")
+                out.append(dict(zip(keys, map(float, w[2:]), strict=True)))
         return sorted(out, key=lambda m: m["t"])
 
     def decodes(self, kind: str = "D") -> collections.Counter[str]:
         """Body digests handed to the serializer (`D`) or to its JSON decoder (`J`)."""
         out: collections.Counter[str] = collections.Counter()
-        for path in sorted(self.folder.glob("ledger-*.log")):
-            for raw in path.read_text().splitlines():
-                w = raw.split()
-                if w and w[0] == kind:
-                    out[w[1]] += 1
+        for w in self.raw_lines():
+            if w and w[0] == kind:
+                out[w[1]] += 1
         return out
 
     def starts(self) -> collections.Counter[str]:

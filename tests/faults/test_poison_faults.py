@@ -72,11 +72,9 @@ def message(name: str, args: list[Any], **kw: Any) -> bytes:
 
 def ledger_times(s: Scenario, kind: str) -> list[float]:
     out = []
-    for path in s.ledger.folder.glob("ledger-*.log"):
-        for raw in path.read_text().splitlines():
-            w = raw.split()
-            if w and w[0] == kind:
-                out.append(float(w[-1]))
+    for w in s.ledger.raw_lines():
+        if w and w[0] == kind:
+            out.append(float(w[-1]))
     return sorted(out)
 
 
