@@ -60,6 +60,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -143,9 +144,7 @@ def client_name() -> str:
     return f"qtasks-{os.getpid()}"
 
 
-_driver: dict[str, Any] | None = None
-
-
+@functools.cache
 def driver_options() -> dict[str, Any]:
     """CLIENT SETINFO of qtasks connections: `lib-name redis-py(qtasks_vX)`, `lib-ver`.
 
@@ -153,18 +152,14 @@ def driver_options() -> dict[str, Any]:
     package metadata for every new connection (reading files, importing the email
     package). redis-py before 7.1 has no DriverInfo: its defaults are kept there.
     """
-    global _driver
-    if _driver is None:
-        try:
-            from redis.driver_info import DriverInfo
-        except ImportError:  # pragma: no cover - depends on the installed redis-py
-            _driver = {}
-        else:
-            from qtasks._version import __version__
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # pragma: no cover - depends on the installed redis-py
+        return {}
+    from qtasks._version import __version__
 
-            info = DriverInfo(lib_version=redis.__version__)
-            _driver = {"driver_info": info.add_upstream_driver("qtasks", __version__)}
-    return _driver
+    info = DriverInfo(lib_version=redis.__version__)
+    return {"driver_info": info.add_upstream_driver("qtasks", __version__)}
 
 
 @dataclasses.dataclass(frozen=True)

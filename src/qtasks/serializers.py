@@ -40,6 +40,8 @@ class Serializer(abc.ABC):
     """Encodes `TaskMessage` to bytes and back; must reject what it cannot round-trip."""
 
     content_type: str = "application/octet-stream"
+    max_payload_bytes: int | None = None
+    """Largest body `decode` accepts (None: no limit); the app sets it from its config."""
 
     @abc.abstractmethod
     def encode(self, message: TaskMessage) -> bytes:
@@ -48,6 +50,33 @@ class Serializer(abc.ABC):
     @abc.abstractmethod
     def decode(self, body: bytes) -> TaskMessage:
         """The message; raise DecodeError (with a `reason`) saying what is wrong with the bytes."""
+
+
+def _unverifiable() -> DecodeError:
+    return DecodeError(
+        "bad_signature: the message is signed but this app has no signing keys to verify "
+        "it; set the producers' keys in QueueConfig.signing_keys or QTASKS_SIGNING_KEYS on "
+        "the worker too",
+        reason="bad_signature",
+    )
+
+
+def _pickle_refused(decodes: str) -> DecodeError:
+    return DecodeError(
+        f"pickle_refused: the message is a pickle; qtasks decodes {decodes} here and never "
+        f"unpickles (unpickling runs code the sender chose)",
+        reason="pickle_refused",
+    )
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> DecodeError:
+    return DecodeError(
+        f"not_utf8: a string in the message is not UTF-8 ({exc.reason})", reason="not_utf8"
+    )
+
+
+def _stack_exhausted() -> DecodeError:
+    return DecodeError("too_deep: nesting exhausted the stack", reason="too_deep")
 
 
 def check_size(body: bytes, max_payload_bytes: int | None) -> None:
@@ -183,7 +212,7 @@ class JsonSerializer(Serializer):
         except UnicodeDecodeError as exc:
             raise _invalid(body, exc, None) from exc
         except RecursionError as exc:  # deeper than Python's stack despite the check above
-            raise DecodeError("too_deep: nesting exhausted the stack", reason="too_deep") from exc
+            raise _stack_exhausted() from exc
         if message.v != MESSAGE_FORMAT_VERSION:
             raise _unsupported(message.v)
         return message
@@ -193,18 +222,9 @@ class JsonSerializer(Serializer):
         check_size(body, self.max_payload_bytes)
         if body[0] != _OPEN_BRACE:  # the encoder writes "{" first: other bytes are suspect
             if is_signed(body):
-                raise DecodeError(
-                    "bad_signature: the message is signed but this app has no signing keys "
-                    "to verify it; set the producers' keys in QueueConfig.signing_keys or "
-                    "QTASKS_SIGNING_KEYS on the worker too",
-                    reason="bad_signature",
-                )
+                raise _unverifiable()
             if looks_like_pickle(body):
-                raise DecodeError(
-                    "pickle_refused: the message is a pickle; qtasks decodes JSON only and "
-                    "never unpickles (unpickling runs code the sender chose)",
-                    reason="pickle_refused",
-                )
+                raise _pickle_refused("JSON")
             if looks_like_msgpack(body):
                 raise _wrong_serializer("msgpack", "MsgpackSerializer", "JsonSerializer")
         if nesting_exceeds(body, self.max_depth):
@@ -385,12 +405,9 @@ class MsgpackSerializer(Serializer):
         except msgspec.DecodeError as exc:
             raise DecodeError(f"invalid_msgpack: {exc}", reason="invalid_msgpack") from exc
         except UnicodeDecodeError as exc:  # msgpack strings must be UTF-8
-            raise DecodeError(
-                f"not_utf8: a string in the message is not UTF-8 ({exc.reason})",
-                reason="not_utf8",
-            ) from exc
+            raise _not_utf8(exc) from exc
         except RecursionError as exc:
-            raise DecodeError("too_deep: nesting exhausted the stack", reason="too_deep") from exc
+            raise _stack_exhausted() from exc
         max_depth = self.max_depth
         if (
             size > max_depth
@@ -412,20 +429,11 @@ class MsgpackSerializer(Serializer):
         """The checks before parsing, in order; returns if msgspec may parse `body`."""
         check_size(body, self.max_payload_bytes)
         if is_signed(body):
-            raise DecodeError(
-                "bad_signature: the message is signed but this app has no signing keys "
-                "to verify it; set the producers' keys in QueueConfig.signing_keys or "
-                "QTASKS_SIGNING_KEYS on the worker too",
-                reason="bad_signature",
-            )
+            raise _unverifiable()
         # b"\x80" alone is an empty msgpack map (a bad_schema); longer, it is a pickle's
         # header, as no msgpack message has anything after an empty top-level map.
         if body != b"\x80" and looks_like_pickle(body):
-            raise DecodeError(
-                "pickle_refused: the message is a pickle; qtasks decodes msgpack here and "
-                "never unpickles (unpickling runs code the sender chose)",
-                reason="pickle_refused",
-            )
+            raise _pickle_refused("msgpack")
         if looks_like_json(body):
             raise _wrong_serializer("JSON", "JsonSerializer", "MsgpackSerializer")
 
@@ -440,11 +448,9 @@ def _msgpack_schema_error(body: bytes, exc: msgspec.ValidationError) -> DecodeEr
     except msgspec.DecodeError as malformed:
         return DecodeError(f"invalid_msgpack: {malformed}", reason="invalid_msgpack")
     except UnicodeDecodeError as bad:
-        return DecodeError(
-            f"not_utf8: a string in the message is not UTF-8 ({bad.reason})", reason="not_utf8"
-        )
+        return _not_utf8(bad)
     except RecursionError:
-        return DecodeError("too_deep: nesting exhausted the stack", reason="too_deep")
+        return _stack_exhausted()
     return _schema_error(body, exc, _msgpack_version_decoder)
 
 
@@ -558,8 +564,8 @@ def serializer_for(config: QueueConfig, serializer: Serializer | str | None = No
         serializer = factory(max_payload_bytes=config.max_payload_bytes)
     layer: Serializer | None = serializer
     while layer is not None:
-        if getattr(layer, "max_payload_bytes", None) == DEFAULT_MAX_PAYLOAD_BYTES:
-            layer.max_payload_bytes = config.max_payload_bytes  # type: ignore[attr-defined]
+        if layer.max_payload_bytes == DEFAULT_MAX_PAYLOAD_BYTES:
+            layer.max_payload_bytes = config.max_payload_bytes
         layer = getattr(layer, "inner", None)
     keys = config.resolved_signing_keys()
     if keys and not isinstance(serializer, SigningSerializer):
